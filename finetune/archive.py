@@ -1,0 +1,150 @@
+"""Reading a dataset ``.zip`` without trusting it.
+
+Entries are written only inside the target folder: ``..``, absolute and drive paths, links and encrypted
+entries reject the whole archive, and the bytes actually decompressed (not the sizes the header claims)
+are counted against a cap, so a zip bomb stops early. Nested archives are just files: never opened.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import uuid
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import DatasetError, UnsafeArchiveError
+
+_CHUNK = 1 << 20
+# Names that operating systems add to archives; they are ignored silently, never reported.
+JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db"})
+JUNK_DIRS = frozenset({"__MACOSX"})
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_entries: int = 100_000
+    max_total_bytes: int = 20 * 1024**3
+    max_entry_bytes: int = 512 * 1024**2
+    # Images hardly compress; text-like fillers that expand 100x are bombs, not photos.
+    max_ratio: float = 200.0
+    max_name_length: int = 255
+
+
+def is_junk(relative: PurePosixPath) -> bool:
+    """OS clutter and hidden files (``__MACOSX/``, ``.DS_Store``, ``Thumbs.db``, dot-files)."""
+    return any(part in JUNK_DIRS or part in JUNK_NAMES or part.startswith(".") for part in relative.parts)
+
+
+def safe_member_path(name: str, max_name_length: int = 255) -> PurePosixPath:
+    """The relative path an archive entry may be written to, or ``UnsafeArchiveError``."""
+    if "\x00" in name:
+        raise UnsafeArchiveError(f"archive entry {name!r} has a NUL byte in its name")
+    normalised = name.replace("\\", "/")
+    if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":"):
+        raise UnsafeArchiveError(f"archive entry {name!r} has an absolute path")
+    parts = [p for p in normalised.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise UnsafeArchiveError(f"archive entry {name!r} points outside the archive (..)")
+    if any(len(p.encode()) > max_name_length for p in parts):
+        raise UnsafeArchiveError(f"archive entry {name[:80]!r}... has a name longer than {max_name_length}")
+    return PurePosixPath(*parts) if parts else PurePosixPath()
+
+
+def extract_zip(archive: str | Path, dest: str | Path, limits: ArchiveLimits | None = None) -> Path:
+    """Extract the images and folders of ``archive`` into ``dest`` (which must not exist yet).
+
+    The extraction happens in a temporary sibling folder that is renamed into place at the end, so
+    ``dest`` either holds the whole archive or does not exist. Raises ``DatasetError`` for an empty or
+    corrupt zip and ``UnsafeArchiveError`` for hostile entries.
+    """
+    limits = limits or ArchiveLimits()
+    archive, dest = Path(archive), Path(dest)
+    if dest.exists():
+        raise FileExistsError(dest)
+    tmp = dest.with_name(f".{dest.name}.extract-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        _extract_into(archive, tmp, limits)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _extract_into(archive: Path, root: Path, limits: ArchiveLimits) -> None:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise DatasetError(f"{archive.name} is not a valid zip file (corrupt or not a zip)") from None
+    except FileNotFoundError:
+        raise DatasetError(f"{archive} does not exist") from None
+    with zf:
+        infos = zf.infolist()
+        if not infos:
+            raise DatasetError(f"{archive.name} is an empty zip file")
+        if len(infos) > limits.max_entries:
+            raise UnsafeArchiveError(f"archive has {len(infos)} entries, more than the limit of {limits.max_entries}")
+        plan = [(info, _check_entry(info, limits)) for info in infos]
+        total = 0
+        files = 0
+        for info, relative in plan:
+            if relative is None or info.is_dir():
+                continue
+            target = root.joinpath(*relative.parts)
+            # Belt and braces: the resolved target must stay inside root.
+            if not target.resolve().is_relative_to(root.resolve()):
+                raise UnsafeArchiveError(f"archive entry {info.filename!r} points outside the archive")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            total += _copy_entry(zf, info, target, limits, already=total)
+            files += 1
+        if files == 0:
+            raise DatasetError(f"{archive.name} holds no files")
+
+
+def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> PurePosixPath | None:
+    """Validate one entry; return its relative path, or None for OS junk that is skipped silently."""
+    relative = safe_member_path(info.filename, limits.max_name_length)
+    if info.flag_bits & 0x1:
+        raise UnsafeArchiveError(f"archive entry {info.filename!r} is encrypted")
+    mode = info.external_attr >> 16
+    if info.create_system == 3 and mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+        raise UnsafeArchiveError(f"archive entry {info.filename!r} is a link or special file")
+    if not relative.parts or is_junk(relative):
+        return None
+    if info.file_size > limits.max_entry_bytes:
+        raise UnsafeArchiveError(
+            f"archive entry {info.filename!r} is {info.file_size} bytes, over the limit of {limits.max_entry_bytes}"
+        )
+    return relative
+
+
+def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits: ArchiveLimits, already: int) -> int:
+    """Decompress one entry, counting real bytes against the caps; returns the bytes written."""
+    written = 0
+    entry_cap = min(limits.max_entry_bytes, int(max(info.compress_size, 1) * limits.max_ratio) + _CHUNK)
+    try:
+        with zf.open(info) as src, open(target, "xb") as dst:
+            while chunk := src.read(_CHUNK):
+                written += len(chunk)
+                if written > entry_cap:
+                    raise UnsafeArchiveError(
+                        f"archive entry {info.filename!r} expands beyond {entry_cap} bytes "
+                        f"(compression ratio or size limit): refusing a possible zip bomb"
+                    )
+                if already + written > limits.max_total_bytes:
+                    raise UnsafeArchiveError(
+                        f"archive expands beyond the limit of {limits.max_total_bytes} bytes in total"
+                    )
+                dst.write(chunk)
+    except FileExistsError:
+        raise UnsafeArchiveError(f"archive has the entry {info.filename!r} twice") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+        raise DatasetError(f"archive entry {info.filename!r} is corrupt: {e}") from None
+    return written
+
+
+__all__ = ["ArchiveLimits", "extract_zip", "is_junk", "safe_member_path"]

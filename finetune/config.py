@@ -1,0 +1,209 @@
+"""The training configuration: one dataclass whose fields carry their ranges and help.
+
+``TrainConfig.validate()`` checks every value and reports every problem at once. The CLI builds its
+options from the same field metadata and the web service validates job requests with it, so a range is
+written down exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+STRATEGIES = ("auto", "frozen", "full", "two-stage")
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
+SCHEDULES = ("cosine", "step", "onecycle", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MONITORS = ("val_acc", "val_loss")
+
+
+def _f(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple[str, ...] | None = None,
+    tunable: bool = True,
+) -> Any:
+    """A dataclass field with the metadata the CLI, the API and ``validate`` read."""
+    meta = {"help": help, "min": min, "max": max, "choices": choices, "tunable": tunable}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Defaults give good accuracy on a typical folder without tuning."""
+
+    data: str = _f("", "dataset folder or .zip (one sub-folder per class)", tunable=False)
+    out: str = _f("", "run directory to create", tunable=False)
+    model: str = _f(
+        "resnet18",
+        "architecture",
+        choices=("alexnet", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "lenet"),
+    )
+    weights: str = _f("imagenet", "imagenet (cached torchvision weights), none (random init) or a file path")
+    strategy: str = _f(
+        "auto",
+        "frozen: train the head on cached features; full: all layers, backbone at a "
+        "lower rate; two-stage: head first, then all layers with discriminative rates; "
+        "auto: two-stage with pretrained weights, full without",
+        choices=STRATEGIES,
+    )
+    epochs: int = _f(10, "epochs (for two-stage: epochs after unfreezing)", min=1, max=1000)
+    head_epochs: int = _f(10, "two-stage: epochs of head training on cached features first", min=1, max=1000)
+    batch_size: int = _f(32, "images per optimizer step", min=1, max=4096)
+    image_size: int | None = _f(
+        None, "crop size in pixels (default: the architecture's, 224; lenet 32)", min=16, max=1024
+    )
+    optimizer: str = _f("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float | None = _f(
+        None, "learning rate of the new head (default: 1e-3 for adam/adamw/rmsprop, 1e-2 for sgd)", min=1e-7, max=10.0
+    )
+    backbone_lr_mult: float | None = _f(
+        None,
+        "full strategy: backbone rate = lr x this (default 0.1 with pretrained weights, 1 without)",
+        min=0.0,
+        max=1.0,
+    )
+    momentum: float = _f(0.9, "momentum (sgd, rmsprop)", min=0.0, max=0.999)
+    nesterov: bool = _f(False, "Nesterov momentum (sgd)")
+    weight_decay: float = _f(1e-4, "weight decay", min=0.0, max=1.0)
+    schedule: str = _f(
+        "cosine", "learning-rate schedule: cosine with warmup, step, one-cycle, constant", choices=SCHEDULES
+    )
+    warmup_epochs: float = _f(1.0, "cosine: linear warmup length in epochs", min=0.0, max=100.0)
+    step_size: int = _f(7, "step: epochs between decays", min=1, max=1000)
+    gamma: float = _f(0.1, "step: decay factor", min=0.0, max=1.0)
+    label_smoothing: float = _f(0.1, "label smoothing", min=0.0, max=0.5)
+    early_stopping: int = _f(0, "stop after this many epochs without improvement (0: off)", min=0, max=1000)
+    monitor: str = _f("val_acc", "validation metric for best checkpoint and early stopping", choices=MONITORS)
+    crop_scale_min: float = _f(0.25, "random resized crop: smallest crop area fraction", min=0.01, max=1.0)
+    hflip: bool = _f(True, "random horizontal flips")
+    val_fraction: float = _f(0.1, "validation share when the folder has no split", min=0.01, max=0.5)
+    test_fraction: float = _f(0.1, "test share when the folder has no split (0: no test set)", min=0.0, max=0.5)
+    seed: int = _f(0, "random seed (split, initialisation, order, augmentation)", min=0, max=2**31 - 1)
+    device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
+    channels_last: bool | None = _f(None, "channels-last memory layout (default on; faster on CUDA and on modern CPUs)")
+    compile: bool = _f(False, "torch.compile the model (slow start, faster steps on long runs)")
+    keep_last: int = _f(1, "epoch checkpoints to keep besides best", min=1, max=1000)
+    min_batch_size: int = _f(1, "CUDA out of memory: smallest micro-batch to retry with", min=1, max=4096)
+    cache_dir: str | None = _f(
+        None, "cache folder for decoded pixels, features and extracted zips (default ~/.cache/finetune)", tunable=False
+    )
+    weights_dir: str | None = _f(None, "folder of torchvision weight files (default: torch's cache)", tunable=False)
+
+    # ----------------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        problems: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if value is None:
+                if "None" not in str(f.type):
+                    problems.append(f"{f.name} is required")
+                continue
+            type_problem = _type_problem(f.name, str(f.type), value)
+            if type_problem:
+                problems.append(type_problem)
+                continue
+            if meta.get("choices") and value not in meta["choices"]:
+                problems.append(f"{f.name} must be one of {', '.join(meta['choices'])}; got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            lo, hi = meta.get("min"), meta.get("max")
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                problems.append(f"{f.name} must be between {lo:g} and {hi:g}; got {value!r}")
+        if not self.data:
+            problems.append("data is required (a dataset folder or .zip)")
+        if not self.out:
+            problems.append("out is required (the run directory to create)")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            problems.append("val_fraction + test_fraction must leave at least 10% of the images for training")
+        if self.model == "lenet" and self.weights == "imagenet":
+            problems.append("lenet has no ImageNet weights: use weights=none")
+        if self.min_batch_size > self.batch_size:
+            problems.append("min_batch_size cannot be larger than batch_size")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            problems.append(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.image_size is not None:
+            from .models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT
+
+            smallest = MIN_IMAGE_SIZE.get(self.model, MIN_IMAGE_SIZE_DEFAULT)
+            if self.image_size < smallest:
+                problems.append(f"image_size must be at least {smallest} for {self.model}; got {self.image_size}")
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights != "none"
+
+    def resolved_strategy(self) -> str:
+        if self.strategy != "auto":
+            return self.strategy
+        return "two-stage" if self.pretrained else "full"
+
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-2 if self.optimizer == "sgd" else 1e-3
+
+    def resolved_backbone_lr_mult(self) -> float:
+        if self.backbone_lr_mult is not None:
+            return self.backbone_lr_mult
+        return 0.1 if self.pretrained else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError([f"unknown setting {name!r}" for name in unknown])
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _type_problem(name: str, declared: str, value: Any) -> str | None:
+    base = declared.replace(" | None", "")
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and value == value  # not NaN
+    else:
+        ok = isinstance(value, str)
+    return None if ok else f"{name} must be of type {base}; got {value!r}"
+
+
+def hyperparameters() -> list[dict[str, Any]]:
+    """Field name, type, default, range, choices and help for every tunable setting (for forms and docs)."""
+    out = []
+    for f in dataclasses.fields(TrainConfig):
+        if not f.metadata.get("tunable", True):
+            continue
+        out.append(
+            {
+                "name": f.name,
+                "type": str(f.type).replace(" | None", ""),
+                "optional": "None" in str(f.type),
+                "default": f.default,
+                "min": f.metadata.get("min"),
+                "max": f.metadata.get("max"),
+                "choices": list(f.metadata["choices"]) if f.metadata.get("choices") else None,
+                "help": f.metadata.get("help", ""),
+            }
+        )
+    return out

@@ -1,0 +1,124 @@
+"""Progress events: what the trainer tells its caller (the CLI prints them, a job process stores them).
+
+Every event is a small dataclass with a ``kind`` and ``to_dict()``; callbacks are plain callables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Event:
+    kind: str = field(init=False, default="event")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunStarted(Event):
+    run_dir: str
+    arch: str
+    strategy: str
+    num_classes: int
+    train_images: int
+    val_images: int
+    test_images: int
+    total_epochs: int
+    device: str
+    resumed_from_epoch: int = 0
+    kind: str = field(init=False, default="run_started")
+
+
+@dataclass
+class StageStarted(Event):
+    stage: str  # "features" | "head" | "finetune"
+    description: str
+    kind: str = field(init=False, default="stage_started")
+
+
+@dataclass
+class Progress(Event):
+    """Coarse progress of work that is not an epoch (decoding images, extracting features)."""
+
+    stage: str
+    done: int
+    total: int
+    kind: str = field(init=False, default="progress")
+
+
+@dataclass
+class BatchEnd(Event):
+    epoch: int
+    total_epochs: int
+    batch: int
+    num_batches: int
+    loss: float
+    accuracy: float
+    lr: float
+    images_per_sec: float
+    elapsed: float
+    eta: float | None
+    kind: str = field(init=False, default="batch_end")
+
+
+@dataclass
+class EpochEnd(Event):
+    epoch: int
+    total_epochs: int
+    stage: str
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    images_per_sec: float
+    epoch_time: float
+    elapsed: float
+    eta: float | None
+    is_best: bool
+    kind: str = field(init=False, default="epoch_end")
+
+
+@dataclass
+class CheckpointSaved(Event):
+    epoch: int
+    path: str
+    is_best: bool
+    kind: str = field(init=False, default="checkpoint_saved")
+
+
+@dataclass
+class OutOfMemoryRetry(Event):
+    """CUDA ran out of memory: the step is retried in smaller micro-batches, same effective batch."""
+
+    epoch: int
+    old_micro_batch: int
+    new_micro_batch: int
+    accumulation_steps: int
+    kind: str = field(init=False, default="oom_retry")
+
+
+@dataclass
+class EarlyStopped(Event):
+    epoch: int
+    best_epoch: int
+    monitor: str
+    kind: str = field(init=False, default="early_stopped")
+
+
+@dataclass
+class RunFinished(Event):
+    run_dir: str
+    best_epoch: int
+    best_metric: float
+    monitor: str
+    evaluation: dict[str, Any]
+    elapsed: float
+    kind: str = field(init=False, default="run_finished")
+
+
+Callback = Callable[[Event], None]

@@ -1,0 +1,128 @@
+"""Decoding images safely and identically everywhere (dataset check, pixel cache, prediction).
+
+One function owns the rules: a format allow-list, EXIF orientation, every mode to RGB, a pixel limit
+that is an error (not a warning) and no loading of truncated files.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError
+
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif"})
+# Larger than any photo a camera takes (~ 200 MP); a decompression bomb is far beyond.
+DEFAULT_MAX_PIXELS = 89_478_485
+
+# Never hand half a picture to training: a truncated file is an error.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def open_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image, returning an RGB ``Image`` with EXIF orientation applied.
+
+    Raises ``ImageError`` with a short reason for anything that is not an acceptable image.
+    """
+    return _decode(source, max_pixels=max_pixels, draft_size=None)[0]
+
+
+def decode_for_size(
+    source: bytes | str | Path, short_side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an image for use at ``short_side`` pixels: returns (RGB image resized so its short side is
+    ``short_side``, original (width, height)).
+
+    JPEGs are decoded at a reduced DCT scale when that still leaves at least ``short_side`` pixels,
+    which is several times faster for large photos. The pixel cache and the predictor both call this,
+    so training, evaluation and prediction see exactly the same pixels.
+    """
+    img, original = _decode(source, max_pixels=max_pixels, draft_size=short_side)
+    return resize_short_side(img, short_side), original
+
+
+def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """Resize keeping the aspect ratio so that the shorter side is ``short_side`` (bilinear, antialiased,
+    as torchvision's ``Resize`` does on PIL images)."""
+    w, h = img.size
+    if min(w, h) == short_side:
+        return img
+    if w <= h:
+        new = (short_side, max(1, round(h * short_side / w)))
+    else:
+        new = (max(1, round(w * short_side / h)), short_side)
+    return img.resize(new, Image.Resampling.BILINEAR)
+
+
+def _decode(
+    source: bytes | str | Path, *, max_pixels: int, draft_size: int | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    fp: io.BytesIO | str | Path = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+    try:
+        img = Image.open(fp, formats=ALLOWED_FORMATS)
+        original = img.size
+        # The header gives the size before any pixel is decoded: refuse here, not after allocating.
+        # (Pillow itself only warns between its limit and twice that; this is an error at ours.)
+        if img.width * img.height > max_pixels:
+            raise ImageError(f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}")
+        if draft_size is not None and img.format == "JPEG":
+            _draft(img, draft_size)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        if img.width == 0 or img.height == 0:
+            raise ImageError("image has no pixels")
+        return to_rgb(img), original
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"image is too large (decompression bomb guard): {e}") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
+    except FileNotFoundError:
+        raise ImageError("file not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        # Pillow reports truncated and corrupt data as OSError/SyntaxError and friends.
+        reason = str(e) or type(e).__name__
+        raise ImageError(f"unreadable or truncated image: {reason}") from None
+    except Exception as e:  # a malformed file must never crash a run; record why it was skipped
+        raise ImageError(f"image could not be decoded: {type(e).__name__}: {e}") from None
+
+
+def _draft(img: Image.Image, short_side: int) -> None:
+    w, h = img.size
+    scale = short_side / min(w, h)
+    if scale < 1:
+        img.draft("RGB", (max(1, int(w * scale + 0.5)), max(1, int(h * scale + 0.5))))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to RGB the way a person would expect to see it.
+
+    Transparency is composited on white (not black, which is what a bare ``convert`` gives), 16-bit
+    greyscale is scaled down rather than clipped, CMYK goes through Pillow's conversion.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = _scale_to_8bit(img)
+        img = Image.fromarray(arr, mode="L")
+    if img.mode == "F":
+        img = Image.fromarray(_scale_to_8bit(img), mode="L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _scale_to_8bit(img: Image.Image):  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    arr = np.asarray(img, dtype=np.float64)
+    top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+    return np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)

@@ -1,0 +1,113 @@
+"""Prediction with a trained run: ``Predictor.from_run(RUN_DIR).predict(images, top_k)``.
+
+Preprocessing is exactly the evaluation's: the same decoder and resize as the pixel cache, the same
+centre crop and normalisation from the checkpoint's metadata, so a model scores an image the same way
+in ``finetune eval``, in the service and here. Loading happens once; ``predict`` takes batches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint
+from .errors import ConfigError
+from .images import DEFAULT_MAX_PIXELS, decode_for_size, resize_short_side, to_rgb
+from .loader import Normalizer, center_crop_array
+from .models import Preprocessing, build_for_checkpoint
+
+ImageInput = Image.Image | bytes | str | Path
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    index: int
+    probability: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "probability": self.probability}
+
+
+class Predictor:
+    """A loaded model ready to classify images. Thread-safe: forward passes are serialised."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device) -> None:
+        self.meta = meta
+        self.arch: str = meta["arch"]
+        self.classes: list[str] = list(meta["class_names"])
+        self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        self.device = device
+        self.channels_last = True
+        self.model = model.to(device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.normalize = Normalizer(self.preprocessing, device, self.channels_last)
+        self.amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        self.max_pixels = DEFAULT_MAX_PIXELS
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, checkpoint: str = "best", device: str = "auto") -> Predictor:
+        """Load the ``best`` (or ``last``) checkpoint of a run directory, or a checkpoint folder."""
+        ckpt = load_checkpoint(run_dir, checkpoint)
+        meta = ckpt.meta
+        model = build_for_checkpoint(meta["arch"], int(meta["num_classes"]), bool(meta.get("transform_input")))
+        model.load_state_dict(ckpt.state_dict())
+        if device == "auto":
+            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            dev = torch.device(device)
+        return cls(model, meta, dev)
+
+    def preprocess(self, image: ImageInput) -> np.ndarray:
+        """Decode (bytes, path or PIL image) and crop: a (crop, crop, 3) uint8 array.
+
+        Raises ``ImageError`` for anything that is not an acceptable image."""
+        prep = self.preprocessing
+        if isinstance(image, Image.Image):
+            img = resize_short_side(to_rgb(image), prep.resize_size)
+        else:
+            img, _ = decode_for_size(image, prep.resize_size, max_pixels=self.max_pixels)
+        return np.ascontiguousarray(center_crop_array(np.asarray(img, dtype=np.uint8), prep.crop_size))
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.inference_mode()
+    def probabilities(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Class probabilities (N x C, float32, CPU) for preprocessed arrays, in one forward pass."""
+        x = torch.from_numpy(np.stack(arrays)).to(self.device, non_blocking=True)
+        with self._lock:
+            x = self.normalize(x)
+            with self.autocast():
+                logits = self.model(x)
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+    def top_k(self, probs: torch.Tensor, k: int) -> list[list[Prediction]]:
+        k = max(1, min(k, len(self.classes)))
+        values, indices = probs.topk(k, dim=1)
+        return [
+            [Prediction(self.classes[int(i)], int(i), float(v)) for v, i in zip(vs, ids, strict=True)]
+            for vs, ids in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+    def predict(self, images: Sequence[ImageInput], top_k: int = 5, batch_size: int = 32) -> list[list[Prediction]]:
+        """Top-k labels with probabilities for each image (all probabilities of an image sum to 1)."""
+        if top_k < 1:
+            raise ConfigError([f"top_k must be at least 1, got {top_k}"])
+        out: list[list[Prediction]] = []
+        for start in range(0, len(images), batch_size):
+            arrays = [self.preprocess(img) for img in images[start : start + batch_size]]
+            out.extend(self.top_k(self.probabilities(arrays), top_k))
+        return out
