@@ -1,0 +1,229 @@
+"""/api/v1/jobs: create (202), list, get, cancel, resume, delete, and live progress as Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+
+from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
+from app.db.tables import FINISHED_STATUSES, JOB_STATUSES, Job, JobMetric
+from app.services import datasets as dataset_svc
+from app.services import jobs as svc
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+SSE_POLL_SECONDS = 0.5
+SSE_KEEPALIVE_SECONDS = 15.0
+
+
+class MetricOut(BaseModel):
+    epoch: int
+    stage: str
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    images_per_sec: float
+    epoch_time: float
+    is_best: bool
+
+
+class JobOut(BaseModel):
+    id: str
+    dataset_id: str | None
+    status: str
+    model: str
+    weights: str
+    strategy: str
+    config: dict[str, Any]
+    stage: str | None
+    message: str | None
+    progress: float
+    epoch: int
+    total_epochs: int
+    eta_seconds: float | None
+    images_per_sec: float | None
+    attempt: int
+    error: str | None
+    error_code: str | None
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    model_id: str | None = None
+    metrics: list[MetricOut] | None = None
+
+
+def metric_out(m: JobMetric) -> MetricOut:
+    return MetricOut(
+        epoch=m.epoch,
+        stage=m.stage,
+        train_loss=m.train_loss,
+        train_acc=m.train_acc,
+        val_loss=m.val_loss,
+        val_acc=m.val_acc,
+        lr=m.lr,
+        images_per_sec=m.images_per_sec,
+        epoch_time=m.epoch_time,
+        is_best=m.is_best,
+    )
+
+
+def job_out(job: Job, metrics: list[JobMetric] | None = None, model_id: str | None = None) -> JobOut:
+    return JobOut(
+        id=job.id,
+        dataset_id=job.dataset_id,
+        status=job.status,
+        model=job.arch,
+        weights=job.weights,
+        strategy=job.strategy,
+        config=job.config,
+        stage=job.stage,
+        message=job.message,
+        progress=job.progress,
+        epoch=job.epoch,
+        total_epochs=job.total_epochs,
+        eta_seconds=job.eta_seconds,
+        images_per_sec=job.images_per_sec,
+        attempt=job.attempt,
+        error=job.error,
+        error_code=job.error_code,
+        cancel_requested=job.cancel_requested,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        model_id=model_id,
+        metrics=[metric_out(m) for m in metrics] if metrics is not None else None,
+    )
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Start a fine-tuning job",
+    description="Queues a job; the response is the job (status `queued`). Hyperparameters are checked "
+    "against the engine's ranges; a job asking for ImageNet weights the server does not have is refused "
+    "with the command that fetches them.",
+)
+def create_job(
+    body: svc.JobCreate,
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,  # type: ignore[valid-type]
+    user: CurrentUser,
+) -> JobOut:
+    dataset = dataset_svc.get_owned(session, user, body.dataset_id)  # type: ignore[attr-defined]
+    config = svc.validate_request(body, settings)
+    job = svc.create_job(session, user, dataset, config)
+    session.commit()  # the row is the truth: it exists before the queue hears of it
+    request.app.state.queue.enqueue(job.id)
+    return job_out(job)
+
+
+@router.get("", summary="List jobs")
+def list_jobs(
+    session: SessionDep,
+    user: CurrentUser,
+    status: str | None = Query(
+        None, description="filter: " + ", ".join(JOB_STATUSES), pattern="^(" + "|".join(JOB_STATUSES) + ")$"
+    ),
+) -> list[JobOut]:
+    return [job_out(j) for j in svc.list_owned(session, user, status)]
+
+
+@router.get("/{job_id}", summary="Get a job: status, progress, epoch, metrics history, ETA, error")
+def get_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobOut:
+    job = svc.get_owned(session, user, job_id)
+    model = svc.model_of(session, job.id)
+    return job_out(job, svc.metrics_of(session, job.id), model.id if model else None)
+
+
+@router.post("/{job_id}/cancel", summary="Cancel a queued or running job")
+def cancel_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobOut:
+    job = svc.get_owned(session, user, job_id)
+    svc.cancel(session, job)
+    return job_out(job)
+
+
+@router.post("/{job_id}/resume", status_code=202, summary="Resume a failed or cancelled job from its last checkpoint")
+def resume_job(job_id: str, request: Request, session: SessionDep, storage: StorageDep, user: CurrentUser) -> JobOut:
+    job = svc.get_owned(session, user, job_id)
+    svc.resume(session, storage, job)
+    session.commit()
+    request.app.state.queue.enqueue(job.id)
+    return job_out(job)
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete a finished job (its model, if any, is kept)")
+def delete_job(job_id: str, session: SessionDep, storage: StorageDep, user: CurrentUser) -> Response:
+    key = svc.delete(session, svc.get_owned(session, user, job_id))
+    session.commit()
+    if key:
+        storage.delete(key)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Live progress as Server-Sent Events",
+    response_class=StreamingResponse,
+    description="Events: `job` (the job without metrics, whenever it changes), `metric` (one per finished "
+    "epoch, earlier epochs first), `end` (the job finished). Reconnecting replays metrics.",
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(job_id: str, request: Request, session: SessionDep, user: CurrentUser) -> StreamingResponse:
+    svc.get_owned(session, user, job_id)  # 404 before the stream starts
+    sessions = request.app.state.sessions
+
+    def snapshot(after_epoch: int) -> tuple[JobOut, list[MetricOut]]:
+        with sessions() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                raise LookupError(job_id)
+            model = svc.model_of(s, job_id)
+            metrics = [metric_out(m) for m in svc.metrics_of(s, job_id) if m.epoch > after_epoch]
+            return job_out(job, model_id=model.id if model else None), metrics
+
+    async def stream() -> AsyncIterator[str]:
+        last_job: str | None = None
+        last_epoch = 0
+        idle = 0.0
+        while not await request.is_disconnected():
+            try:
+                job, metrics = await run_in_threadpool(snapshot, last_epoch)
+            except LookupError:
+                yield _sse("end", {"id": job_id, "status": "deleted"})
+                return
+            for m in metrics:
+                yield _sse("metric", m.model_dump())
+                last_epoch = max(last_epoch, m.epoch)
+            payload = job.model_dump_json()
+            if payload != last_job:
+                last_job = payload
+                idle = 0.0
+                yield f"event: job\ndata: {payload}\n\n"
+            if job.status in FINISHED_STATUSES:
+                yield _sse("end", {"id": job_id, "status": job.status})
+                return
+            await asyncio.sleep(SSE_POLL_SECONDS)
+            idle += SSE_POLL_SECONDS
+            if idle >= SSE_KEEPALIVE_SECONDS:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, default=str)}\n\n"

@@ -1,0 +1,244 @@
+"""The job process: ``python -m app.jobs.child JOB_ID ATTEMPT PARENT_PID``.
+
+It runs the engine for one job attempt and writes what the engine reports into the database: epoch
+metrics as rows, coarse progress a few times a second, the final status and the model row. Every write is
+fenced on the attempt, so if this process is stale its writes are refused and it stops. It is the only
+process that touches CUDA; it dies with the worker that started it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from sqlalchemy import delete
+
+from app.db import session_scope
+from app.db.tables import Dataset, Job, JobMetric, Model
+from app.jobs import state
+from app.jobs.settings_env import settings_from_env
+from app.services.datasets import dataset_images_root
+from app.settings import Settings
+from app.storage import Storage
+from finetune.config import TrainConfig
+from finetune.errors import Cancelled, InputError
+from finetune.events import Event
+
+log = logging.getLogger("app.jobs.child")
+
+
+class Superseded(Exception):
+    """This attempt no longer holds the job (it was recovered and claimed again)."""
+
+
+class JobReporter:
+    """Engine events -> database rows, throttled; also the engine's cancel flag."""
+
+    def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
+        self.settings = settings
+        self.url = settings.db_url
+        self.job_id = job_id
+        self.attempt = attempt
+        self.total_epochs = 1
+        self._last_progress = 0.0
+        self._last_cancel_check = 0.0
+        self._stop = False
+
+    def _update(self, **values: Any) -> None:
+        with session_scope(self.url) as s:
+            if not state.fenced_update(s, self.job_id, self.attempt, **values):
+                self._stop = True
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._stop and now - self._last_cancel_check >= 1.0:
+            self._last_cancel_check = now
+            with session_scope(self.url) as s:
+                self._stop = state.cancel_requested(s, self.job_id, self.attempt)
+        return self._stop
+
+    def __call__(self, event: Event) -> None:
+        handler = getattr(self, f"on_{event.kind}", None)
+        if handler is not None:
+            handler(event)
+
+    def _throttled(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_progress < self.settings.progress_interval_seconds:
+            return True
+        self._last_progress = now
+        return False
+
+    def on_run_started(self, e: Any) -> None:
+        self.total_epochs = e.total_epochs
+        with session_scope(self.url) as s:
+            # Epochs after the checkpoint we resume from will run again: their old rows go.
+            s.execute(delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.epoch > e.resumed_from_epoch))
+            ok = state.fenced_update(
+                s,
+                self.job_id,
+                self.attempt,
+                total_epochs=e.total_epochs,
+                epoch=e.resumed_from_epoch,
+                progress=e.resumed_from_epoch / e.total_epochs,
+                message=f"training on {e.device}",
+            )
+            if not ok:
+                raise Superseded
+
+    def on_stage_started(self, e: Any) -> None:
+        self._update(stage=e.stage, message=e.description[:300])
+
+    def on_progress(self, e: Any) -> None:
+        if e.done < e.total and self._throttled():
+            return
+        label = {"data": "checking and caching images", "features": "computing features"}.get(e.stage, e.stage)
+        self._update(stage=e.stage, message=f"{label}: {e.done}/{e.total}")
+
+    def on_batch_end(self, e: Any) -> None:
+        if self._throttled():
+            return
+        progress = ((e.epoch - 1) + e.batch / e.num_batches) / max(e.total_epochs, 1)
+        self._update(
+            progress=min(progress, 0.999),
+            eta_seconds=e.eta,
+            images_per_sec=e.images_per_sec,
+            message=f"epoch {e.epoch}/{e.total_epochs}, batch {e.batch}/{e.num_batches}",
+        )
+
+    def on_epoch_end(self, e: Any) -> None:
+        with session_scope(self.url) as s:
+            ok = state.fenced_update(
+                s,
+                self.job_id,
+                self.attempt,
+                epoch=e.epoch,
+                progress=min(e.epoch / max(e.total_epochs, 1), 0.999),
+                eta_seconds=e.eta,
+                images_per_sec=e.images_per_sec,
+                message=f"epoch {e.epoch}/{e.total_epochs} done",
+            )
+            if not ok:
+                self._stop = True
+                return
+            s.execute(delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.epoch == e.epoch))
+            s.add(
+                JobMetric(
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    epoch=e.epoch,
+                    stage=e.stage,
+                    train_loss=e.train_loss,
+                    train_acc=e.train_acc,
+                    val_loss=e.val_loss,
+                    val_acc=e.val_acc,
+                    lr=e.lr,
+                    images_per_sec=e.images_per_sec,
+                    epoch_time=e.epoch_time,
+                    is_best=e.is_best,
+                )
+            )
+
+    def on_oom_retry(self, e: Any) -> None:
+        self._update(message=f"CUDA out of memory: now {e.accumulation_steps} micro-batches of {e.new_micro_batch}")
+
+    def on_early_stopped(self, e: Any) -> None:
+        self._update(message=f"early stopping at epoch {e.epoch}; best epoch {e.best_epoch}")
+
+
+def run(settings: Settings, job_id: str, attempt: int) -> int:
+    from finetune.train import resume, train
+
+    storage = Storage(settings.data_dir)
+    with session_scope(settings.db_url) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.attempt != attempt or job.status != "running":
+            log.info("job %s attempt %s is no longer ours; exiting", job_id, attempt)
+            return 0
+        dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
+        job_config, run_key, owner_id = dict(job.config), job.run_key, job.owner_id
+    reporter = JobReporter(settings, job_id, attempt)
+    run_dir = storage.path(run_key)
+    try:
+        if dataset is None:
+            raise InputError("the job's dataset was deleted")
+        config = TrainConfig(
+            **job_config,
+            data=str(dataset_images_root(storage, dataset)),
+            out=str(run_dir),
+            cache_dir=str(settings.cache_dir),
+            weights_dir=str(settings.weights_dir) if settings.weights_dir else None,
+        )
+        if (run_dir / "run.json").exists():
+            result = resume(run_dir, [reporter], reporter.should_stop)
+        else:
+            result = train(config, [reporter], reporter.should_stop)
+    except (Cancelled, Superseded):
+        with session_scope(settings.db_url) as s:
+            state.finish(s, job_id, attempt, "cancelled", message="cancelled")
+        return 0
+    except InputError as e:
+        _fail(settings, job_id, attempt, str(e), getattr(e, "code", "bad_input"))
+        return 0
+    except Exception as e:
+        log.exception("job %s failed", job_id)
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        _fail(settings, job_id, attempt, _explain_failure(e, detail), "training_failed")
+        return 1
+    with session_scope(settings.db_url) as s:
+        ok = state.finish(s, job_id, attempt, "succeeded", progress=1.0, message="finished")
+        if ok:
+            s.add(
+                Model(
+                    owner_id=owner_id,
+                    job_id=job_id,
+                    name=f"{dataset.name} · {job_config.get('model')}",
+                    arch=str(job_config.get("model")),
+                    num_classes=len(dataset.classes),
+                    classes=list(dataset.classes),
+                    evaluation=result.evaluation,
+                    config=job_config,
+                    run_key=run_key,
+                    size_bytes=storage.size(run_key),
+                )
+            )
+    return 0
+
+
+def _explain_failure(e: Exception, detail: str) -> str:
+    if isinstance(e, OSError) and e.errno == 28:
+        return "the disk is full: the last good checkpoint is kept; free space and resume the job"
+    return detail[:2000]
+
+
+def _fail(settings: Settings, job_id: str, attempt: int, message: str, code: str) -> None:
+    with session_scope(settings.db_url) as s:
+        state.finish(s, job_id, attempt, "failed", error=message, error_code=code, message="failed")
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when the worker thread that started it goes away."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main(argv: list[str]) -> int:
+    job_id, attempt, parent_pid = argv[0], int(argv[1]), int(argv[2])
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM from the worker (a cancel past its grace period) ends the run like a cancel would.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    return run(settings_from_env(), job_id, attempt)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,159 @@
+"""Jobs: creation (validated by the engine's own rules), cancel, resume, delete, and reading progress."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db.tables import FINISHED_STATUSES, Dataset, Job, JobMetric, Model, User, utcnow
+from app.errors import ApiError, not_found
+from app.settings import Settings
+from app.storage import Storage
+from finetune import weights as engine_weights
+from finetune.config import TrainConfig
+
+# Settings a user never chooses for a server-side job: where data and runs live, which device.
+SERVER_OWNED = {"data", "out", "cache_dir", "weights_dir", "device"}
+USER_WEIGHTS = ("imagenet", "none")  # a path on the server is never accepted from a client
+
+
+def _hyperparameter_fields() -> dict[str, Any]:
+    """Pydantic fields for every TrainConfig setting a user may choose, with the engine's ranges."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in SERVER_OWNED or f.name in ("model", "weights", "strategy"):
+            continue
+        base = str(f.type).replace(" | None", "")
+        py: Any = {"int": int, "float": float, "bool": bool}.get(base, str)
+        meta = f.metadata
+        if meta.get("choices"):
+            py = Literal[tuple(meta["choices"])]
+        constraints = {}
+        if meta.get("min") is not None and base in ("int", "float"):
+            constraints = {"ge": meta["min"], "le": meta["max"]}
+        annotation = py | None if "None" in str(f.type) else py
+        fields[f.name] = (annotation, Field(f.default, description=meta.get("help"), **constraints))
+    return fields
+
+
+_FIELDS = TrainConfig.__dataclass_fields__
+
+JobCreate = create_model(  # type: ignore[call-overload]
+    "JobCreate",
+    __config__=ConfigDict(extra="forbid"),
+    dataset_id=(str, Field(description="the dataset to train on")),
+    model=(Literal[_FIELDS["model"].metadata["choices"]], Field("resnet18", description="architecture")),
+    weights=(
+        Literal[USER_WEIGHTS],
+        Field(
+            "imagenet",
+            description="imagenet (pretrained; the file must be cached "
+            "on the server, see GET /api/v1/weights) or none (random initialisation)",
+        ),
+    ),
+    strategy=(
+        Literal[_FIELDS["strategy"].metadata["choices"]],
+        Field("auto", description=_FIELDS["strategy"].metadata["help"]),
+    ),
+    **_hyperparameter_fields(),
+)
+
+
+def validate_request(body: BaseModel, settings: Settings) -> TrainConfig:
+    """The engine's TrainConfig for a request, checked by the engine; 422 listing every problem."""
+    values = body.model_dump(exclude={"dataset_id"})
+    config = TrainConfig(**values, data="<dataset>", out="<run>").validate()
+    if config.weights == "imagenet":
+        # Refused now, with the engine's message and command, rather than failed later in the worker.
+        engine_weights.cached_imagenet_path(config.model, settings.weights_dir)
+    return config
+
+
+def create_job(session: Session, owner: User, dataset: Dataset, config: TrainConfig) -> Job:
+    stored = {k: v for k, v in config.to_dict().items() if k not in SERVER_OWNED}
+    job = Job(
+        owner_id=owner.id,
+        dataset_id=dataset.id,
+        status="queued",
+        config=stored,
+        arch=config.model,
+        weights=config.weights,
+        strategy=config.resolved_strategy(),
+        run_key="",
+        message="waiting in the queue",
+    )
+    session.add(job)
+    session.flush()
+    job.run_key = Storage.run_key(job.id)
+    return job
+
+
+def get_owned(session: Session, owner: User, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or (job.owner_id != owner.id and not owner.is_admin):
+        raise not_found("job", job_id)
+    return job
+
+
+def list_owned(session: Session, owner: User, status: str | None = None) -> list[Job]:
+    query = select(Job).order_by(Job.created_at.desc())
+    if not owner.is_admin:
+        query = query.where(Job.owner_id == owner.id)
+    if status:
+        query = query.where(Job.status == status)
+    return list(session.scalars(query))
+
+
+def metrics_of(session: Session, job_id: str) -> list[JobMetric]:
+    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)))
+
+
+def model_of(session: Session, job_id: str) -> Model | None:
+    return session.scalars(select(Model).where(Model.job_id == job_id)).first()
+
+
+def cancel(session: Session, job: Job) -> None:
+    """Queued: cancelled at once. Running: the job process stops within a batch (the worker enforces it)."""
+    if job.status == "queued":
+        job.status, job.finished_at, job.message = "cancelled", utcnow(), "cancelled before it started"
+    elif job.status == "running":
+        job.cancel_requested = True
+        job.message = "cancelling..."
+    else:
+        raise ApiError(409, "not_cancellable", f"job {job.id} is already {job.status}")
+    session.flush()
+
+
+def resume(session: Session, storage: Storage, job: Job) -> bool:
+    """Failed or cancelled -> queued again; it continues from its last checkpoint when there is one.
+    Returns whether a checkpoint will be resumed from."""
+    if job.status not in ("failed", "cancelled"):
+        raise ApiError(
+            409, "not_resumable", f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}"
+        )
+    if job.dataset_id is None:
+        raise ApiError(409, "dataset_deleted", f"the dataset of job {job.id} was deleted; it cannot be resumed")
+    has_checkpoint = (storage.path(job.run_key) / "last").exists()
+    job.status, job.cancel_requested, job.error, job.error_code = "queued", False, None, None
+    job.finished_at, job.eta_seconds = None, None
+    job.message = (
+        "waiting in the queue (resumes from the last checkpoint)" if has_checkpoint else "waiting in the queue"
+    )
+    session.flush()
+    return has_checkpoint
+
+
+def delete(session: Session, job: Job) -> str | None:
+    """Delete a finished job's row; returns the run folder to remove after commit (None when a model
+    still uses the files)."""
+    if job.status not in FINISHED_STATUSES:
+        raise ApiError(409, "job_active", f"job {job.id} is {job.status}; cancel it first")
+    keep_files = model_of(session, job.id) is not None
+    key = job.run_key
+    session.delete(job)
+    session.flush()
+    return None if keep_files else key
