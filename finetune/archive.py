@@ -110,8 +110,9 @@ def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> PurePosixPath 
     relative = safe_member_path(info.filename, limits.max_name_length)
     if info.flag_bits & 0x1:
         raise UnsafeArchiveError(f"archive entry {info.filename!r} is encrypted")
-    mode = info.external_attr >> 16
-    if info.create_system == 3 and mode and (stat.S_ISLNK(mode) or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+    # Unix file type bits; zips written without them (Python's ``ZipFile.writestr`` gives 0o600) are plain files.
+    file_type = stat.S_IFMT(info.external_attr >> 16)
+    if info.create_system == 3 and file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise UnsafeArchiveError(f"archive entry {info.filename!r} is a link or special file")
     if not relative.parts or is_junk(relative):
         return None
