@@ -11,8 +11,9 @@ import sys
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -107,22 +108,42 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def worker(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
-    """A real worker process (``python -m app.cli worker``) on the test's settings."""
-    log = open(settings.data_dir.parent / "worker.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=settings_env(settings),
-                            stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2])
+def start_worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+    """Starts real worker processes (``python -m app.cli worker``) on the test's settings; each call starts
+    one more (a restart after a crash). All are stopped at the end; logs go to worker.log, worker-2.log..."""
+    started: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start() -> subprocess.Popen[bytes]:
+        n = len(started) + 1
+        log = open(settings.data_dir.parent / ("worker.log" if n == 1 else f"worker-{n}.log"), "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"],
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        started.append((proc, log))
+        return proc
+
     try:
-        yield proc
+        yield start
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        for proc, log in started:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            log.close()
+
+
+@pytest.fixture
+def worker(start_worker: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """A real worker process (``python -m app.cli worker``) on the test's settings."""
+    return start_worker()
 
 
 def make_image(colour: tuple[int, int, int], rng: random.Random, size: int = 40, fmt: str = "PNG") -> bytes:
@@ -137,12 +158,16 @@ def make_image(colour: tuple[int, int, int], rng: random.Random, size: int = 40,
     return out.getvalue()
 
 
-def dataset_files(per_class: int = 12, seed: int = 0, classes: dict[str, tuple[int, int, int]] | None = None
-                  ) -> dict[str, bytes]:
+def dataset_files(
+    per_class: int = 12, seed: int = 0, classes: dict[str, tuple[int, int, int]] | None = None
+) -> dict[str, bytes]:
     """{relative path: image bytes} for a small class-folder dataset."""
     rng = random.Random(seed)
-    return {f"{name}/{i}.png": make_image(colour, rng) for name, colour in (classes or COLOURS).items()
-            for i in range(per_class)}
+    return {
+        f"{name}/{i}.png": make_image(colour, rng)
+        for name, colour in (classes or COLOURS).items()
+        for i in range(per_class)
+    }
 
 
 def zip_bytes(files: dict[str, bytes]) -> bytes:
@@ -154,8 +179,9 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 
 def upload_zip(client: TestClient, files: dict[str, bytes] | None = None, name: str = "shapes") -> dict:
-    r = client.post("/api/v1/datasets", files={"archive": ("data.zip", zip_bytes(files or dataset_files()))},
-                    data={"name": name})
+    r = client.post(
+        "/api/v1/datasets", files={"archive": ("data.zip", zip_bytes(files or dataset_files()))}, data={"name": name}
+    )
     assert r.status_code == 201, r.text
     return r.json()  # type: ignore[no-any-return]
 
@@ -168,3 +194,66 @@ def wait_for_job(client: TestClient, job_id: str, statuses: tuple[str, ...], tim
             return job  # type: ignore[no-any-return]
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout}s; last: {job}")
+
+
+# A worker-based test runs on SQLite only: the queue, the worker and the job processes are the same code on
+# PostgreSQL, and training twice would double the suite's time (the smoke flow covers PostgreSQL).
+sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy (returned); fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def job_processes(job_id: str) -> list[int]:
+    """Live (not zombie) ``app.jobs.child`` processes of a job, found in /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"app.jobs.child" in argv and job_id.encode() in argv and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def assert_error(response: Any, status: int, code: str | None = None) -> dict[str, Any]:
+    """The response is ``status`` with the one error shape; returns the error object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error.get("code"), str) and error["code"], body
+    assert isinstance(error.get("message"), str) and error["message"], body
+    assert set(error) <= {"code", "message", "details"}, body
+    if code is not None:
+        assert error["code"] == code, body
+    return error  # type: ignore[no-any-return]
+
+
+def stored_files(settings: Settings) -> list[str]:
+    """Everything under the data folder's datasets/ and tmp/ (what a rejected upload must not leave)."""
+    return sorted(
+        str(p.relative_to(settings.data_dir))
+        for top in ("datasets", "tmp")
+        if (settings.data_dir / top).exists()
+        for p in (settings.data_dir / top).rglob("*")
+    )
+
+
+def count_rows(settings: Settings, table: str) -> int:
+    from app.db import engine_for
+
+    with engine_for(settings.db_url).connect() as conn:
+        return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
