@@ -1,0 +1,105 @@
+"""``python -m bench [all|full|frozen|pipeline|service] [--quick] [--data FOLDER]``
+
+Writes ``bench/out/results.json`` and ``bench/RESULTS.md``. ``--data`` points the training and pipeline
+benchmarks at your own ImageFolder-style folder (``train/<class>/...``, ``val/<class>/...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, machine
+from bench.report import write_markdown
+
+OUT = ROOT / "bench" / "out"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("which", nargs="?", default="all", choices=("all", "full", "frozen", "pipeline", "service"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")
+    parser.add_argument("--data", type=Path, help="your own train/ val/ image folder instead of generated images")
+    parser.add_argument("--repeats", type=int, help="repeats per benchmark (default 3, quick 1)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args(argv)
+
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 3)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out / "work"
+    work.mkdir(exist_ok=True)
+    from bench.data import make_dataset
+
+    if args.data:
+        data = args.data
+    elif quick:
+        data = make_dataset(work / "data-quick", classes=3, train_per_class=16, val_per_class=6)
+    else:
+        data = make_dataset(work / "data", classes=4, train_per_class=100, val_per_class=25)
+    results_path = args.out / ("results.quick.json" if quick else "results.json")
+    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
+    results["machine"] = machine()
+    results["data"] = (
+        str(data) if args.data else "generated: 4 shape classes, 100 train + 25 val per class, 400x300 JPEG"
+    )
+    started = time.perf_counter()
+    which = args.which
+
+    if which in ("all", "pipeline"):
+        from bench.pipeline_bench import pipeline
+
+        log("data pipeline")
+        results["pipeline"] = pipeline(data, crop=64 if quick else 112, repeats=repeats, log=log)
+    if which in ("all", "frozen"):
+        from bench.train_bench import frozen
+
+        log("frozen backbone")
+        results["frozen"] = [
+            frozen(
+                data, work, "resnet18", epochs=2 if quick else 10, crop=64 if quick else 112, repeats=repeats, log=log
+            )
+        ]
+    if which in ("all", "full"):
+        from bench.train_bench import full_finetune
+
+        log("full fine-tuning")
+        results["full"] = [
+            full_finetune(
+                data, work, arch, epochs=2 if quick else 6, crop=64, repeats=repeats if not quick else 1, log=log
+            )
+            for arch in (("resnet18",) if quick else ("resnet18", "alexnet"))
+        ]
+    if which in ("all", "service"):
+        from bench.service_bench import service
+
+        log("service: ingest, startup, predict")
+        results["service"] = service(
+            work,
+            ingest_images=200 if quick else 2000,
+            durations=3 if quick else 15,
+            concurrencies=(1, 8) if quick else (1, 8, 32),
+            log=log,
+        )
+    results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    results.setdefault("seconds", {})[which] = time.perf_counter() - started
+    results["quick"] = quick
+    results_path.write_text(json.dumps(results, indent=2, default=str))
+    md = write_markdown(results, args.out / "RESULTS.quick.md" if quick else ROOT / "bench" / "RESULTS.md")
+    log(f"wrote {results_path} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""The GPU benchmark (``bench/gpu.sh``): training and prediction throughput on one CUDA device.
+
+Needs only torch, torchvision, numpy and Pillow (no service dependencies, no network): images are
+generated, weights are random. For resnet18, resnet50, alexnet and googlenet at 224 px it measures
+
+- ours: the engine's data path (decode-once pixel cache, batched crop/flip/normalise on the GPU) and its
+  training step (bf16 autocast, channels-last, fused AdamW; torch.compile when it pays), images/s;
+- tutorial: ImageFolder + PIL transforms + DataLoader(batch 4, 4 workers) + SGD, fp32, images/s;
+- MFU from torchvision's published operation counts (training ~ 3x the forward GFLOPs);
+- prediction throughput (bf16, channels-last, batch 256).
+
+    python -m bench.gpu [--seconds 20] [--archs resnet18,resnet50,alexnet,googlenet] [--out bench/out/gpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Dense bf16 peak of the cards we are likely to meet (tensor cores, no sparsity).
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10": 125.0,
+    "L4": 121.0,
+    "RTX 4090": 165.0,
+}
+
+
+def peak_tflops(name: str) -> float | None:
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def make_images(root: Path, n: int, classes: int = 10) -> Path:
+    """``root/train/<class>/*.jpg`` of 400x300 photos (decoded once into the pixel cache by our arm)."""
+    from bench.data import SHAPES, make_photo
+
+    rng = random.Random(0)
+    for i in range(n):
+        shape = SHAPES[i % min(classes, len(SHAPES))]
+        folder = root / "train" / f"{shape}{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:05d}.jpg").write_bytes(make_photo(shape, rng))
+    return root
+
+
+def ours(
+    arch: str, data: Path, cache: Path, device: torch.device, *, batch: int, seconds: float, compile_model: bool
+) -> dict[str, Any]:
+    from finetune.dataset import Sample
+    from finetune.images import decode_for_size
+    from finetune.loader import CachedImages, TrainAugment, batches, prefetch
+    from finetune.models import build_model, forward_logits
+    from finetune.pixelcache import PixelCache
+
+    files = sorted((data / "train").rglob("*.jpg"))
+    classes = sorted({f.parent.name for f in files})
+    built = build_model(arch, len(classes), "none")
+    prep = built.preprocessing
+    pixels = PixelCache(cache, prep.resize_size)
+    samples = []
+    for f in files:  # the decode-once cache, keyed by content as the engine fills it
+        data_bytes = f.read_bytes()
+        sha = hashlib.sha256(data_bytes).hexdigest()
+        if pixels.original_size(sha) is None:
+            img, orig = decode_for_size(data_bytes, prep.resize_size)
+            pixels.store(sha, img, orig)
+        samples.append(Sample(str(f), classes.index(f.parent.name), "train", sha, 0, 0))
+    images = CachedImages(pixels, samples)
+    model = built.model.to(device, memory_format=torch.channels_last).train()
+    step_model = torch.compile(model) if compile_model else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    augment = TrainAugment(prep, device, channels_last=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(batch_: Any) -> None:
+        x = augment(batch_, gen)
+        y = batch_.labels.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, aux = forward_logits(step_model, x)
+            loss = F.cross_entropy(logits, y) + 0.3 * sum(
+                (F.cross_entropy(a, y) for a in aux), torch.zeros((), device=device)
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    warm = 0
+    n = 0
+    start = None
+    while True:
+        for b in prefetch(images.padded(idx) for idx in batches(len(images), batch, generator=gen, drop_last=True)):
+            step(b)
+            if warm < 15:  # compile, cudnn autotune, allocator warm-up
+                warm += 1
+                if warm == 15:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                continue
+            n += batch
+            if start is not None and time.perf_counter() - start > seconds:
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                return {"images_per_sec": n / elapsed, "batch": batch, "compiled": compile_model}
+
+
+def tutorial(arch: str, data: Path, device: torch.device, *, seconds: float) -> dict[str, Any]:
+    from torchvision import datasets
+
+    from bench.reference import build_reference_model, tutorial_transforms
+
+    ds = datasets.ImageFolder(str(data / "train"), tutorial_transforms(224)["train"])
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, num_workers=4)
+    model = build_reference_model(arch, len(ds.classes), None).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    n, start, warm = 0, None, 0
+    while True:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad()
+            out = model(x)
+            out = out.logits if hasattr(out, "logits") else out
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            if warm < 10:
+                warm += 1
+                if warm == 10:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                continue
+            n += x.shape[0]
+            if start is not None and time.perf_counter() - start > seconds:
+                torch.cuda.synchronize()
+                return {"images_per_sec": n / (time.perf_counter() - start)}
+
+
+@torch.inference_mode()
+def predict(arch: str, device: torch.device, *, batch: int = 256, seconds: float = 5.0) -> dict[str, Any]:
+    from finetune.models import build_model
+
+    model = build_model(arch, 10, "none").model.to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    for _ in range(5):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+    torch.cuda.synchronize()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x)
+        n += batch
+    torch.cuda.synchronize()
+    return {"images_per_sec": n / (time.perf_counter() - start), "batch": batch}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--archs", default="resnet18,resnet50,alexnet,googlenet")
+    parser.add_argument("--images", type=int, default=2048)
+    parser.add_argument("--out", type=Path, default=Path("bench/out/gpu.json"))
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
+        return 2
+    from torchvision.models import get_model_weights
+
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(0)
+    peak = peak_tflops(name)
+    work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    t0 = time.perf_counter()
+    data = make_images(work / "data", args.images)
+    print(f"{name}: generated {args.images} images in {time.perf_counter() - t0:.0f}s", flush=True)
+    batches = {"resnet18": 256, "resnet50": 256, "alexnet": 512, "googlenet": 256}
+    results: dict[str, Any] = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak, "archs": {}}
+    for arch in args.archs.split(","):
+        gflops = float(get_model_weights(arch).DEFAULT.meta["_ops"])  # forward, one 224 px image
+        row: dict[str, Any] = {"forward_gflops": gflops}
+        eager = ours(arch, data, work / "cache", device, batch=batches[arch], seconds=args.seconds, compile_model=False)
+        row["ours_eager"] = eager
+        best = eager
+        if not args.no_compile:
+            try:
+                compiled = ours(
+                    arch, data, work / "cache", device, batch=batches[arch], seconds=args.seconds, compile_model=True
+                )
+                row["ours_compiled"] = compiled
+                if compiled["images_per_sec"] > best["images_per_sec"]:
+                    best = compiled
+            except Exception as e:  # compile support varies by build: eager figures still stand
+                row["compile_error"] = f"{type(e).__name__}: {e}"[:300]
+        row["ours"] = best
+        row["tutorial"] = tutorial(arch, data, device, seconds=min(args.seconds, 15))
+        row["ratio"] = best["images_per_sec"] / row["tutorial"]["images_per_sec"]
+        if peak:
+            row["mfu"] = best["images_per_sec"] * 3 * gflops * 1e9 / (peak * 1e12)
+        row["predict"] = predict(arch, device)
+        results["archs"][arch] = row
+        print(
+            f"{arch}: ours {best['images_per_sec']:.0f} img/s (compiled={best['compiled']}), tutorial "
+            f"{row['tutorial']['images_per_sec']:.0f} img/s, {row['ratio']:.1f}x, MFU {row.get('mfu', float('nan')):.1%}, "
+            f"predict {row['predict']['images_per_sec']:.0f} img/s",
+            flush=True,
+        )
+    results["seconds"] = time.perf_counter() - t0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The prepared GPU benchmark: run from a plain checkout on a CUDA machine (no network needed).
+# Needs torch, torchvision, numpy and Pillow only. Finishes in under 8 minutes on one H100.
+#   bench/gpu.sh                       # all four architectures
+#   bench/gpu.sh --archs resnet50      # one
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch, torchvision, numpy, PIL; assert torch.cuda.is_available(), 'no CUDA device'"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+exec timeout 470 python -m bench.gpu "$@"

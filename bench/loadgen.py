@@ -1,0 +1,58 @@
+"""A closed-loop HTTP load generator: ``concurrency`` clients posting one image each, back to back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+
+
+async def _run(url: str, field: str, image: bytes, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + duration
+
+        async def one_client() -> None:
+            nonlocal errors
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                try:
+                    r = await client.post(url, files={field: ("image.jpg", image, "image/jpeg")})
+                    ok = r.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                t1 = time.perf_counter()
+                if t0 >= measure_from and t1 <= stop_at:
+                    if ok:
+                        latencies.append(t1 - t0)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    latencies.sort()
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "rps": len(latencies) / duration,
+        "p50_ms": pct(0.50) * 1000,
+        "p99_ms": pct(0.99) * 1000,
+    }
+
+
+def run_load(
+    url: str, field: str, image: bytes, *, concurrency: int, duration: float, warmup: float = 2.0
+) -> dict[str, Any]:
+    return asyncio.run(_run(url, field, image, concurrency, duration, warmup))

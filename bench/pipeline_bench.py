@@ -1,0 +1,106 @@
+"""Data pipeline per epoch: the decode-once cache + batched tensor augmentation against PIL decoding and
+torchvision transforms in a DataLoader (the tutorial's configuration, and one tuned for this machine).
+
+Only the input pipeline is timed (no model): images/s to produce normalised, augmented training batches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import ratio, stats
+from bench.reference import tutorial_transforms
+
+
+def ours_epoch(data_dir: Path, crop: int, cache_root: Path, batch_size: int = 32) -> tuple[float, float]:
+    """(first epoch images/s including the one-time decode into the cache, later epoch images/s)."""
+    from finetune.dataset import load_dataset
+    from finetune.loader import CachedImages, TrainAugment, batches, prefetch
+    from finetune.models import preprocessing_for
+    from finetune.pixelcache import PixelCache
+
+    prep = preprocessing_for("resnet18", "none", crop)
+    cache = PixelCache(cache_root / "pixels", prep.resize_size)
+    t0 = time.perf_counter()
+    ds = load_dataset(data_dir, pixel_cache=cache)
+    images = CachedImages(cache, ds.split("train"))
+    augment = TrainAugment(prep, torch.device("cpu"), channels_last=True, scale=(0.08, 1.0))
+
+    def one_epoch(seed: int) -> int:
+        gen = torch.Generator().manual_seed(seed)
+        n = 0
+        for batch in prefetch(images.padded(idx) for idx in batches(len(images), batch_size, generator=gen)):
+            x = augment(batch, gen)
+            n += x.shape[0]
+        return n
+
+    n = one_epoch(0)
+    first = n / (time.perf_counter() - t0)
+    t1 = time.perf_counter()
+    n = one_epoch(1)
+    later = n / (time.perf_counter() - t1)
+    return first, later
+
+
+def reference_epoch(data_dir: Path, crop: int, *, batch_size: int, num_workers: int) -> float:
+    from torchvision import datasets
+
+    ds = datasets.ImageFolder(str(data_dir / "train"), tutorial_transforms(crop)["train"])
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, persistent_workers=False
+    )
+    t0 = time.perf_counter()
+    n = 0
+    for x, _ in loader:
+        n += x.shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def pipeline(data_dir: Path, *, crop: int, repeats: int, log: Any) -> dict[str, Any]:
+    cores = os.cpu_count() or 1
+    ours_first, ours_later, tutorial, tuned = [], [], [], []
+    for i in range(repeats):
+        cache_root = Path(tempfile.mkdtemp(prefix="bench-pipe-"))
+        try:
+            arms = ["ours", "tutorial", "tuned"] if i % 2 == 0 else ["tuned", "tutorial", "ours"]
+            for arm in arms:
+                if arm == "ours":
+                    first, later = ours_epoch(data_dir, crop, cache_root)
+                    ours_first.append(first)
+                    ours_later.append(later)
+                elif arm == "tutorial":
+                    tutorial.append(reference_epoch(data_dir, crop, batch_size=4, num_workers=4))
+                else:
+                    tuned.append(reference_epoch(data_dir, crop, batch_size=32, num_workers=cores))
+        finally:
+            shutil.rmtree(cache_root, ignore_errors=True)
+        log(
+            f"  pipeline repeat {i + 1}: ours {ours_later[-1]:.0f} img/s (first epoch {ours_first[-1]:.0f}), "
+            f"DataLoader tutorial {tutorial[-1]:.0f}, tuned {tuned[-1]:.0f}"
+        )
+    out: dict[str, Any] = {
+        "title": f"data pipeline per epoch, {crop}px crops",
+        "ours": {"images_per_sec": stats(ours_later), "first_epoch_images_per_sec": stats(ours_first)},
+        "reference": {"tutorial_images_per_sec": stats(tutorial), "tuned_images_per_sec": stats(tuned)},
+    }
+    best_ref = max(
+        out["reference"]["tutorial_images_per_sec"]["median"], out["reference"]["tuned_images_per_sec"]["median"]
+    )
+    out["ratios"] = {
+        "images_per_sec": ratio(out["ours"]["images_per_sec"]["median"], best_ref),
+        "vs_tutorial_loader": ratio(
+            out["ours"]["images_per_sec"]["median"], out["reference"]["tutorial_images_per_sec"]["median"]
+        ),
+        "first_epoch_vs_best_loader": ratio(out["ours"]["first_epoch_images_per_sec"]["median"], best_ref),
+    }
+    out["targets"] = {
+        "images_per_sec": {"goal": ">= 5x (against the faster DataLoader)", "met": out["ratios"]["images_per_sec"] >= 5}
+    }
+    return out

@@ -1,0 +1,125 @@
+"""bench/RESULTS.md from the results JSON: machine, every ratio, which targets are met."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _s(d: dict[str, float] | None, fmt: str = "{:.1f}") -> str:
+    if not d:
+        return "–"
+    return f"{fmt.format(d['median'])} ({fmt.format(d['min'])}–{fmt.format(d['max'])})"
+
+
+def _met(t: dict[str, Any]) -> str:
+    return ("**met**" if t["met"] else "not met") + f" ({t['goal']})"
+
+
+def write_markdown(results: dict[str, Any], path: Path) -> Path:
+    m = results["machine"]
+    lines = [
+        "# Benchmark results",
+        "",
+        "Produced by `make bench` (`python -m bench all`); raw figures in `bench/out/results.json`. Every",
+        "benchmark runs both arms in the same run, on the same images, initial weights, seed and epochs,",
+        "alternating arms between repeats; figures are medians with (min–max) over the repeats.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; GPU: {m['gpu'] or 'none'}",
+        f"- Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']} ({m['torch_threads']} threads)",
+        f"- Data: {results.get('data')}",
+        f"- Finished: {results.get('finished_at')}",
+        "- No pretrained weights can be downloaded on our machines: both training arms start from the same",
+        "  seeded random initialisation (a safetensors file), so accuracies are from-scratch accuracies.",
+        "",
+    ]
+    if "pipeline" in results:
+        p = results["pipeline"]
+        lines += [
+            f"## {p['title']}",
+            "",
+            "| arm | images/s |",
+            "|---|---|",
+            f"| ours: decode-once cache + batched tensor augmentation (later epochs) | {_s(p['ours']['images_per_sec'], '{:.0f}')} |",
+            f"| ours: first epoch (includes decoding every image once) | {_s(p['ours']['first_epoch_images_per_sec'], '{:.0f}')} |",
+            f"| PIL + torchvision transforms, DataLoader as in the tutorial (batch 4, 4 workers) | {_s(p['reference']['tutorial_images_per_sec'], '{:.0f}')} |",
+            f"| PIL + torchvision transforms, DataLoader tuned (batch 32, one worker per core) | {_s(p['reference']['tuned_images_per_sec'], '{:.0f}')} |",
+            "",
+            f"Ratio against the faster DataLoader: **{p['ratios']['images_per_sec']:.1f}x** "
+            f"(against the tutorial's: {p['ratios']['vs_tutorial_loader']:.1f}x; first epoch: "
+            f"{p['ratios']['first_epoch_vs_best_loader']:.1f}x). Target: {_met(p['targets']['images_per_sec'])}.",
+            "",
+        ]
+    for key, heading in (("frozen", "Frozen backbone"), ("full", "Full fine-tuning")):
+        for r in results.get(key, []):
+            lines += [
+                f"## {heading}: {r['title']}",
+                "",
+                "| | ours (`finetune`) | PyTorch tutorial loop | ratio |",
+                "|---|---|---|---|",
+                f"| wall time, s | {_s(r['ours']['wall'])} | {_s(r['reference']['wall'])} | **{r['ratios']['wall']:.1f}x** |",
+                f"| best val accuracy | {_s(r['ours']['best_acc'], '{:.3f}')} | {_s(r['reference']['best_acc'], '{:.3f}')} | "
+                f"{r['ratios']['accuracy_points']:+.1f} points |",
+            ]
+            if "images_per_sec" in r["ratios"]:
+                lines.append(
+                    f"| training images/s | {_s(r['ours']['train_images_per_sec'], '{:.0f}')} | "
+                    f"{_s(r['reference']['train_images_per_sec'], '{:.0f}')} | **{r['ratios']['images_per_sec']:.1f}x** |"
+                )
+            if "time_to_accuracy" in r["ratios"]:
+                lines.append(
+                    f"| time to {r['time_to_accuracy_target']:.3f} val accuracy, s | "
+                    f"{_s(r['ours']['time_to_accuracy'])} | {_s(r['reference']['time_to_accuracy'])} | "
+                    f"**{r['ratios']['time_to_accuracy']:.1f}x** |"
+                )
+            lines += ["", "Targets: " + "; ".join(f"{k} {_met(v)}" for k, v in r["targets"].items()) + ".", ""]
+    svc = results.get("service", {})
+    if "predict" in svc:
+        p = svc["predict"]
+        lines += [
+            f"## {p['title']}",
+            "",
+            "| concurrency | ours req/s | ours p50 / p99 ms | mean batch formed | naive req/s | naive p50 / p99 ms | req/s ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in p["rows"]:
+            o, n = row["ours"], row["naive"]
+            mb = o["batches"]["mean_batch"]
+            lines.append(
+                f"| {row['concurrency']} | {o['rps']:.1f} | {o['p50_ms']:.0f} / {o['p99_ms']:.0f} | "
+                f"{mb:.1f} | {n['rps']:.1f} | {n['p50_ms']:.0f} / {n['p99_ms']:.0f} | **{row['rps_ratio']:.1f}x** |"
+                if mb is not None
+                else f"| {row['concurrency']} | {o['rps']:.1f} | – | – | {n['rps']:.1f} | – | – |"
+            )
+        lines += ["", f"Target: {_met(p['targets']['rps_at_max_concurrency'])}.", ""]
+    if "ingest" in svc:
+        i = svc["ingest"]
+        lines += [
+            f"## {i['title']}",
+            "",
+            f"{i['images']} images ({i['zip_mb']:.0f} MB) in {i['seconds']:.1f} s: "
+            f"**{i['images_per_sec']:.0f} images/s** (streamed to disk, extracted, every image decoded and its "
+            "pixels cached at 256 px).",
+            "",
+        ]
+    if "startup" in svc:
+        s = svc["startup"]
+        lines += [
+            f"## {s['title']}",
+            "",
+            f"`/healthz` answered after {s['seconds_to_healthz']:.1f} s; the first "
+            f"predict (model loaded on demand) after **{s['seconds_to_first_predict']:.1f} s**.",
+            "",
+        ]
+    gpu = results.get("gpu")
+    lines += ["## GPU", ""]
+    if gpu:
+        lines += [gpu]
+    else:
+        lines += [
+            "`bench/gpu.sh` is the prepared GPU benchmark. No CUDA machine was available to the sessions that",
+            "produced these results, so there are no GPU figures yet.",
+            "",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path

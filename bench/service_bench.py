@@ -1,0 +1,200 @@
+"""Service benchmarks: ingest, startup and prediction, with the real service in its own processes.
+
+- ingest: upload + verification of a 2,000-image zip (images/s).
+- startup: from starting `serve` to the first answered predict (model load included).
+- predict: our endpoint against a naive FastAPI endpoint (batch 1 per request) on the same checkpoint, at
+  concurrency 1, 8 and 32, alternating arms; requests/s, p50/p99 latency, and the batch sizes our
+  micro-batcher formed (from its Prometheus histogram).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import free_port, ratio, start_process, stop_process, wait_http
+from bench.data import make_photo, make_zip
+from bench.loadgen import run_load
+
+
+def _service_env(data: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
+    env.update({"FINETUNE_DATA_DIR": str(data), "FINETUNE_LOG_LEVEL": "WARNING"})
+    return env
+
+
+def _batch_histogram(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    buckets: dict[str, float] = {}
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith("finetune_predict_batch_size_bucket"):
+            m = re.search(r'le="([^"]+)"\}\s+([0-9.e+]+)', line)
+            if m:
+                buckets[m.group(1)] = float(m.group(2))
+        elif line.startswith("finetune_predict_batch_size_sum"):
+            total = float(line.split()[-1])
+        elif line.startswith("finetune_predict_batch_size_count"):
+            count = float(line.split()[-1])
+    return {"sum": total, "count": count, **{f"le_{k}": v for k, v in buckets.items()}}
+
+
+def _batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    forwards = after["count"] - before["count"]
+    images = after["sum"] - before["sum"]
+    dist = {k[3:]: after[k] - before.get(k, 0.0) for k in after if k.startswith("le_")}
+    return {
+        "forward_passes": forwards,
+        "mean_batch": images / forwards if forwards else None,
+        "cumulative_buckets": dist,
+    }
+
+
+def _train_model(base: str, work: Path, log: Any) -> tuple[str, str]:
+    """A resnet18 (random init, 1 epoch at 224 px) trained through the API; returns (model id, job id)."""
+    from bench.data import make_dataset
+
+    small = make_dataset(work / "small", classes=3, train_per_class=12, val_per_class=4, seed=5)
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(small.rglob("*.jpg")):
+            zf.write(f, f.relative_to(small))
+    r = httpx.post(
+        f"{base}/api/v1/datasets",
+        files={"archive": ("small.zip", buf.getvalue())},
+        data={"name": "bench-small"},
+        timeout=300,
+    )
+    r.raise_for_status()
+    job = httpx.post(
+        f"{base}/api/v1/jobs",
+        json={"dataset_id": r.json()["id"], "model": "resnet18", "weights": "none", "epochs": 1},
+        timeout=30,
+    ).json()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        j = httpx.get(f"{base}/api/v1/jobs/{job['id']}", timeout=10).json()
+        if j["status"] in ("succeeded", "failed", "cancelled"):
+            if j["status"] != "succeeded":
+                raise RuntimeError(f"benchmark model training failed: {j.get('error')}")
+            log(f"  trained the benchmark model (resnet18, 224 px) in job {job['id']}")
+            return str(j["model_id"]), str(job["id"])
+        time.sleep(1)
+    raise TimeoutError("benchmark model training did not finish")
+
+
+def service(
+    work: Path, *, ingest_images: int, durations: float, concurrencies: tuple[int, ...], log: Any
+) -> dict[str, Any]:
+    data = Path(tempfile.mkdtemp(prefix="bench-svc-", dir=work))
+    env = _service_env(data)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    results: dict[str, Any] = {}
+    proc = start_process(["-m", "app.cli", "serve", "--port", str(port)], env, work / "logs" / "serve.log")
+    try:
+        wait_http(f"{base}/healthz")
+        # -- ingest
+        archive = make_zip(work / f"ingest-{ingest_images}.zip", images=ingest_images)
+        t0 = time.perf_counter()
+        r = httpx.post(
+            f"{base}/api/v1/datasets",
+            content=archive.read_bytes(),
+            headers={"Content-Type": "application/zip"},
+            params={"name": "ingest"},
+            timeout=1800,
+        )
+        r.raise_for_status()
+        elapsed = time.perf_counter() - t0
+        results["ingest"] = {
+            "title": f"ingest: upload + verification of a {ingest_images}-image zip",
+            "images": r.json()["num_images"],
+            "seconds": elapsed,
+            "images_per_sec": r.json()["num_images"] / elapsed,
+            "zip_mb": archive.stat().st_size / 1e6,
+        }
+        log(f"  ingest: {results['ingest']['images_per_sec']:.0f} images/s ({elapsed:.1f}s)")
+        model_id, job_id = _train_model(base, work, log)
+    finally:
+        stop_process(proc)
+
+    # -- startup: a fresh serve process until the first predict is answered
+    image = make_photo("circle", __import__("random").Random(7))
+    t0 = time.perf_counter()
+    proc = start_process(["-m", "app.cli", "serve", "--port", str(port)], env, work / "logs" / "serve2.log")
+    naive = None
+    try:
+        wait_http(f"{base}/healthz")
+        up = time.perf_counter() - t0
+        while True:
+            try:
+                r = httpx.post(
+                    f"{base}/api/v1/models/{model_id}/predict", files={"images": ("a.jpg", image)}, timeout=60
+                )
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        results["startup"] = {
+            "title": "startup: `serve` to the first answered predict",
+            "seconds_to_healthz": up,
+            "seconds_to_first_predict": time.perf_counter() - t0,
+        }
+        log(
+            f"  startup: healthz after {up:.1f}s, first predict after {results['startup']['seconds_to_first_predict']:.1f}s"
+        )
+
+        # -- predict: ours vs naive, alternating per concurrency level
+        naive_port = free_port()
+        run_dir = data / "runs" / job_id
+        naive = start_process(
+            ["-m", "bench.naive_server", str(run_dir), "--port", str(naive_port)], env, work / "logs" / "naive.log"
+        )
+        wait_http(f"http://127.0.0.1:{naive_port}/healthz")
+        ours_url = f"{base}/api/v1/models/{model_id}/predict"
+        naive_url = f"http://127.0.0.1:{naive_port}/predict"
+        rows = []
+        for i, c in enumerate(concurrencies):
+            arms = ("ours", "naive") if i % 2 == 0 else ("naive", "ours")
+            row: dict[str, Any] = {"concurrency": c}
+            for arm in arms:
+                if arm == "ours":
+                    before = _batch_histogram(base)
+                    row["ours"] = run_load(ours_url, "images", image, concurrency=c, duration=durations)
+                    row["ours"]["batches"] = _batch_delta(before, _batch_histogram(base))
+                else:
+                    row["naive"] = run_load(naive_url, "file", image, concurrency=c, duration=durations)
+            row["rps_ratio"] = ratio(row["ours"]["rps"], row["naive"]["rps"])
+            row["p99_ratio"] = ratio(row["ours"]["p99_ms"], row["naive"]["p99_ms"])
+            rows.append(row)
+            log(
+                f"  predict c={c}: ours {row['ours']['rps']:.1f} req/s p99 {row['ours']['p99_ms']:.0f} ms "
+                f"(mean batch {row['ours']['batches']['mean_batch']}); naive {row['naive']['rps']:.1f} req/s "
+                f"p99 {row['naive']['p99_ms']:.0f} ms"
+            )
+        top = rows[-1]
+        results["predict"] = {
+            "title": "predict, resnet18 at 224 px: our endpoint vs a naive FastAPI endpoint (batch 1)",
+            "rows": rows,
+            "targets": {
+                "rps_at_max_concurrency": {
+                    "goal": ">= 2x requests/s with p99 no worse",
+                    "met": top["rps_ratio"] >= 2 and top["p99_ratio"] <= 1.0,
+                }
+            },
+        }
+    finally:
+        if naive is not None:
+            stop_process(naive)
+        stop_process(proc)
+    return results

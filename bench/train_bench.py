@@ -1,0 +1,187 @@
+"""Training benchmarks: ``finetune`` (full and frozen strategies) against the PyTorch tutorial loop.
+
+Both arms get the same ImageFolder split, the same initial backbone weights (a file written once from a
+seeded torchvision model: no pretrained weights can be downloaded on our machines), the same crop size,
+seed and number of epochs. Our arm starts each repeat with an empty pixel and feature cache, so its wall
+time includes decoding every image once. Repeats alternate the arms.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import ratio, stats
+from bench.reference import run_tutorial
+
+
+def init_weights(arch: str, folder: Path, seed: int = 0) -> Path:
+    """A seeded random initialisation saved as safetensors: the common starting point of both arms."""
+    from safetensors.torch import save_file
+    from torchvision import models
+
+    path = folder / f"{arch}-init-{seed}.safetensors"
+    if not path.exists():
+        torch.manual_seed(seed)
+        if arch == "googlenet":
+            model = models.googlenet(weights=None, aux_logits=False, init_weights=True)
+        else:
+            model = getattr(models, arch)(weights=None)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def run_ours(
+    data_dir: Path, arch: str, *, epochs: int, crop: int, init: Path, strategy: str, seed: int = 0, batch_size: int = 32
+) -> dict[str, Any]:
+    from finetune.config import TrainConfig
+    from finetune.train import train
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ours-"))
+    epochs_log: list[dict[str, float]] = []
+    train_time = 0.0
+    seen = 0
+
+    def on_event(e: Any) -> None:
+        nonlocal train_time, seen
+        if e.kind == "epoch_end":
+            epochs_log.append({"elapsed": e.elapsed, "val_acc": e.val_acc})
+            if e.stage == "finetune":
+                train_time += e.epoch_time
+                seen += int(e.images_per_sec * e.epoch_time)
+
+    try:
+        config = TrainConfig(
+            data=str(data_dir),
+            out=str(work / "run"),
+            model=arch,
+            weights=str(init),
+            strategy=strategy,
+            epochs=epochs,
+            image_size=crop,
+            seed=seed,
+            batch_size=batch_size,
+            backbone_lr_mult=1.0
+            if strategy == "full"
+            else None,  # from-scratch weights: no reason to slow the backbone
+            cache_dir=str(work / "cache"),
+            keep_last=1,
+        )
+        import time
+
+        t0 = time.perf_counter()
+        result = train(config, [on_event])
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    best = max(e["val_acc"] for e in epochs_log)
+    return {
+        "wall": wall,
+        "best_acc": best,
+        "epochs": epochs_log,
+        "best_epoch": result.best_epoch,
+        "train_images_per_sec": seen / train_time if train_time else None,
+    }
+
+
+def time_to(epochs: list[dict[str, float]], target: float) -> float | None:
+    for e in epochs:
+        if e["val_acc"] >= target:
+            return e["elapsed"]
+    return None
+
+
+def full_finetune(
+    data_dir: Path, weights_dir: Path, arch: str, *, epochs: int, crop: int, repeats: int, log: Any
+) -> dict[str, Any]:
+    init = init_weights(arch, weights_dir)
+    ours, ref = [], []
+    for i in range(repeats):
+        order = ("ours", "ref") if i % 2 == 0 else ("ref", "ours")
+        for arm in order:
+            if arm == "ours":
+                r = run_ours(data_dir, arch, epochs=epochs, crop=crop, init=init, strategy="full")
+                ours.append(r)
+            else:
+                rr = run_tutorial(data_dir, arch, epochs=epochs, crop=crop, init=init)
+                ref.append(
+                    {
+                        "wall": rr.wall,
+                        "best_acc": rr.best_acc,
+                        "epochs": rr.epochs,
+                        "train_images_per_sec": rr.train_images_per_sec,
+                    }
+                )
+            log(
+                f"  {arch} full, repeat {i + 1}, {arm}: wall {(ours if arm == 'ours' else ref)[-1]['wall']:.1f}s, "
+                f"best val acc {(ours if arm == 'ours' else ref)[-1]['best_acc']:.3f}"
+            )
+    return _summarise(
+        ours,
+        ref,
+        f"full fine-tune {arch} {crop}px {epochs} epochs",
+        targets={"images_per_sec": 1.5, "time_to_accuracy": 1.5, "accuracy_points": 1.0},
+    )
+
+
+def frozen(
+    data_dir: Path, weights_dir: Path, arch: str, *, epochs: int, crop: int, repeats: int, log: Any
+) -> dict[str, Any]:
+    init = init_weights(arch, weights_dir)
+    ours, ref = [], []
+    for i in range(repeats):
+        order = ("ours", "ref") if i % 2 == 0 else ("ref", "ours")
+        for arm in order:
+            if arm == "ours":
+                ours.append(run_ours(data_dir, arch, epochs=epochs, crop=crop, init=init, strategy="frozen"))
+            else:
+                rr = run_tutorial(data_dir, arch, epochs=epochs, crop=crop, init=init, fixed_feature_extractor=True)
+                ref.append({"wall": rr.wall, "best_acc": rr.best_acc, "epochs": rr.epochs})
+            log(
+                f"  {arch} frozen, repeat {i + 1}, {arm}: wall {(ours if arm == 'ours' else ref)[-1]['wall']:.1f}s, "
+                f"best val acc {(ours if arm == 'ours' else ref)[-1]['best_acc']:.3f}"
+            )
+    return _summarise(
+        ours, ref, f"frozen backbone {arch} {crop}px {epochs} epochs", targets={"wall": 10.0, "accuracy_points": 1.0}
+    )
+
+
+def _summarise(
+    ours: list[dict[str, Any]], ref: list[dict[str, Any]], title: str, targets: dict[str, float]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"title": title, "ours": {}, "reference": {}, "ratios": {}, "targets": {}}
+    out["ours"]["wall"] = stats([r["wall"] for r in ours])
+    out["reference"]["wall"] = stats([r["wall"] for r in ref])
+    out["ours"]["best_acc"] = stats([r["best_acc"] for r in ours])
+    out["reference"]["best_acc"] = stats([r["best_acc"] for r in ref])
+    out["ratios"]["wall"] = ratio(out["reference"]["wall"]["median"], out["ours"]["wall"]["median"])
+    acc_gap = (out["ours"]["best_acc"]["median"] - out["reference"]["best_acc"]["median"]) * 100
+    out["ratios"]["accuracy_points"] = acc_gap
+    if "images_per_sec" in targets:
+        o = stats([r["train_images_per_sec"] for r in ours])
+        f = stats([r["train_images_per_sec"] for r in ref])
+        out["ours"]["train_images_per_sec"], out["reference"]["train_images_per_sec"] = o, f
+        out["ratios"]["images_per_sec"] = ratio(o["median"], f["median"])
+    if "time_to_accuracy" in targets:
+        # The target is 95% of the lower of the two arms' median best accuracies: both reach it.
+        target = 0.95 * min(out["ours"]["best_acc"]["median"], out["reference"]["best_acc"]["median"])
+        t_ours = [time_to(r["epochs"], target) for r in ours]
+        t_ref = [time_to(r["epochs"], target) for r in ref]
+        out["time_to_accuracy_target"] = target
+        if all(t is not None for t in t_ours + t_ref):
+            out["ours"]["time_to_accuracy"] = stats([t for t in t_ours if t is not None])
+            out["reference"]["time_to_accuracy"] = stats([t for t in t_ref if t is not None])
+            out["ratios"]["time_to_accuracy"] = ratio(
+                out["reference"]["time_to_accuracy"]["median"], out["ours"]["time_to_accuracy"]["median"]
+            )
+    for key, goal in targets.items():
+        value = out["ratios"].get(key)
+        if key == "accuracy_points":
+            out["targets"][key] = {"goal": f">= -{goal:g} points", "met": value is not None and value >= -goal}
+        else:
+            out["targets"][key] = {"goal": f">= {goal:g}x", "met": value is not None and value >= goal}
+    return out
