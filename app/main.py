@@ -8,11 +8,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from app.api.routes import datasets, health, jobs
+from app.api.routes import datasets, jobs
 from app.db import session_factory
 from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
-from app.observability import Metrics, MetricsMiddleware
+from app.pages import routes as pages
 from app.services.users import ensure_local_user
 from app.settings import Settings, get_settings
 from app.storage import Storage
@@ -43,13 +43,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings.db_url)
     app.state.storage = Storage(settings.data_dir)
     app.state.queue = JobQueue(settings)
-    app.state.metrics = metrics = Metrics()
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(datasets.router)
     api.include_router(jobs.router)
     app.include_router(api)
-    app.include_router(health.router)
+    pages.install(app)  # the HTML pages and /static (after the API: its routes come first)
     return app

@@ -1,0 +1,195 @@
+// Live job page: progress, ETA and stage from the job's Server-Sent Events, loss and accuracy charts
+// (chart.js, served from node_modules) that gain a point per epoch, cancel and resume.
+"use strict";
+
+document.addEventListener("DOMContentLoaded", () => {
+  const initial = JSON.parse(document.getElementById("job-data").textContent);
+  const jobId = initial.id;
+  const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
+  const STATUS_LABELS = { queued: "Queued", running: "Running", succeeded: "Succeeded", failed: "Failed", cancelled: "Cancelled" };
+  const $ = (id) => document.getElementById(id);
+  const metrics = new Map(); // epoch -> metric (a reconnect replays metrics; a resumed epoch replaces its row)
+  let source = null;
+  let current = initial;
+
+  // -- charts ---------------------------------------------------------------------------------------
+  const COLORS = { train: "#2563eb", val: "#f97316" };
+  function lineChart(canvas, yTitle, percent) {
+    if (typeof Chart === "undefined") return null; // the library is missing: the table still updates
+    return new Chart(canvas, {
+      type: "line",
+      data: {
+        labels: [],
+        datasets: [
+          { label: "train", data: [], borderColor: COLORS.train, backgroundColor: COLORS.train, tension: 0.25, pointRadius: 3 },
+          { label: "validation", data: [], borderColor: COLORS.val, backgroundColor: COLORS.val, tension: 0.25, pointRadius: 3 },
+        ],
+      },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        interaction: { mode: "index", intersect: false },
+        plugins: {
+          legend: { position: "bottom" },
+          tooltip: {
+            callbacks: {
+              title: (items) => (items.length ? `epoch ${items[0].label}` : ""),
+              label: (item) => `${item.dataset.label}: ${percent ? FT.pct(item.parsed.y) : FT.num(item.parsed.y)}`,
+            },
+          },
+        },
+        scales: {
+          x: { title: { display: true, text: "epoch" } },
+          y: {
+            title: { display: true, text: yTitle },
+            ...(percent ? { min: 0, max: 1, ticks: { callback: (v) => `${Math.round(v * 100)}%` } } : { beginAtZero: true }),
+          },
+        },
+      },
+    });
+  }
+  const lossChart = lineChart($("loss-chart"), "loss", false);
+  const accChart = lineChart($("acc-chart"), "accuracy", true);
+
+  function redrawCharts() {
+    const sorted = [...metrics.values()].sort((a, b) => a.epoch - b.epoch);
+    const labels = sorted.map((m) => m.epoch);
+    for (const [chart, train, val] of [
+      [lossChart, "train_loss", "val_loss"],
+      [accChart, "train_acc", "val_acc"],
+    ]) {
+      if (!chart) continue;
+      chart.data.labels = labels;
+      chart.data.datasets[0].data = sorted.map((m) => m[train]);
+      chart.data.datasets[1].data = sorted.map((m) => m[val]);
+      chart.update("none");
+    }
+  }
+
+  // -- metrics table --------------------------------------------------------------------------------
+  const tbody = $("metrics-table").querySelector("tbody");
+  function metricRow(m) {
+    const td = (text, cls) => FT.el("td", { class: cls, text });
+    return FT.el(
+      "tr",
+      { "data-epoch": m.epoch },
+      td(m.epoch, "num"),
+      td(m.stage),
+      td(FT.num(m.train_loss), "num"),
+      td(FT.pct(m.train_acc), "num"),
+      td(FT.num(m.val_loss), "num"),
+      td(FT.pct(m.val_acc), "num"),
+      td(FT.num(m.lr), "num"),
+      td(FT.seconds(m.epoch_time), "num"),
+      FT.el("td", {}, m.is_best ? FT.el("span", { class: "best", text: "best" }) : null),
+    );
+  }
+
+  function addMetric(m) {
+    metrics.set(m.epoch, m);
+    const row = metricRow(m);
+    const existing = tbody.querySelector(`tr[data-epoch="${m.epoch}"]`);
+    if (existing) existing.replaceWith(row);
+    else {
+      const later = [...tbody.rows].find((r) => Number(r.dataset.epoch) > m.epoch);
+      tbody.insertBefore(row, later || null);
+    }
+    if (m.is_best) {
+      // only one epoch is "best" at a time
+      for (const r of tbody.querySelectorAll("tr")) {
+        if (Number(r.dataset.epoch) !== m.epoch) {
+          const badge = r.querySelector(".best");
+          if (badge) badge.remove();
+        }
+      }
+    }
+    $("no-metrics").hidden = true;
+    redrawCharts();
+  }
+
+  // -- job state ------------------------------------------------------------------------------------
+  function renderJob(job) {
+    current = job;
+    const badge = FT.el("span", { class: `badge badge-${job.status}`, "data-status": job.status, text: STATUS_LABELS[job.status] || job.status });
+    $("job-badge").replaceChildren(badge);
+    $("job-stage").textContent = job.stage || "";
+    $("job-message").textContent = job.message || "";
+    const percent = Math.max(0, Math.min(1, job.progress || 0)) * 100;
+    const bar = $("job-progress").querySelector(".progress");
+    bar.setAttribute("aria-valuenow", String(Math.round(percent)));
+    bar.querySelector(".progress-bar").style.width = `${percent.toFixed(1)}%`;
+    $("job-percent").textContent = `${Math.round(percent)}%`;
+    $("job-epoch").textContent = `${job.epoch} / ${job.total_epochs || "–"}`;
+    $("job-eta").textContent = job.status === "running" && job.eta_seconds != null ? FT.duration(job.eta_seconds) : "–";
+    if (job.started_at) $("job-started").textContent = FT.localTime(job.started_at);
+    $("job-speed").textContent = job.images_per_sec ? `${Math.round(job.images_per_sec)} img/s` : "–";
+    if (job.error) {
+      $("job-error-text").textContent = job.error;
+      $("job-error-hint").textContent =
+        job.status === "failed" ? "Fix the cause and resume: training continues from the last checkpoint." : "";
+      $("job-error").hidden = false;
+    } else {
+      $("job-error").hidden = true;
+    }
+    $("cancel-button").hidden = !(job.status === "queued" || job.status === "running");
+    $("cancel-button").disabled = !!job.cancel_requested;
+    $("resume-button").hidden = !(job.status === "failed" || job.status === "cancelled");
+    const link = $("model-link");
+    if (job.model_id) {
+      link.href = `/models/${encodeURIComponent(job.model_id)}`;
+      link.hidden = false;
+    } else {
+      link.hidden = true;
+    }
+    document.title = `${STATUS_LABELS[job.status] || job.status} ${Math.round(percent)}% · job ${job.id.slice(0, 8)} · finetune`;
+  }
+
+  // -- live updates ---------------------------------------------------------------------------------
+  function connect() {
+    if (source) source.close();
+    source = new EventSource(`/api/v1/jobs/${encodeURIComponent(jobId)}/events`);
+    source.addEventListener("open", () => {
+      $("live-indicator").textContent = "Live updates on.";
+      $("live-indicator").hidden = false;
+    });
+    source.addEventListener("job", (e) => renderJob(JSON.parse(e.data)));
+    source.addEventListener("metric", (e) => addMetric(JSON.parse(e.data)));
+    source.addEventListener("end", () => {
+      source.close();
+      source = null;
+      $("live-indicator").hidden = true;
+    });
+    source.addEventListener("error", () => {
+      if (source && source.readyState !== EventSource.CLOSED) {
+        $("live-indicator").textContent = "Connection lost; reconnecting…";
+        $("live-indicator").hidden = false;
+      }
+    });
+  }
+
+  async function action(path, button) {
+    FT.hide($("action-error"));
+    button.disabled = true;
+    try {
+      const job = await FT.api("POST", `/api/v1/jobs/${encodeURIComponent(jobId)}/${path}`);
+      renderJob(job);
+      if (!FINISHED.has(job.status) && !source) connect();
+    } catch (e) {
+      FT.show($("action-error"), e.message);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  $("cancel-button").addEventListener("click", (e) => {
+    if (window.confirm("Cancel this job? You can resume it later from its last checkpoint.")) action("cancel", e.currentTarget);
+  });
+  $("resume-button").addEventListener("click", (e) => action("resume", e.currentTarget));
+
+  for (const m of initial.metrics || []) metrics.set(m.epoch, m);
+  redrawCharts();
+  renderJob(initial);
+  if (!FINISHED.has(initial.status)) connect();
+  window.jobPage = { lossChart, accChart, metrics, current: () => current };
+});
