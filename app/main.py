@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from app.api.routes import datasets, jobs
+from app.api.routes import datasets, health, jobs, models, predict, weights
 from app.db import session_factory
 from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
-from app.pages import routes as pages
+from app.observability import Metrics, MetricsMiddleware
 from app.services.users import ensure_local_user
+from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
 from app.storage import Storage
 
@@ -31,6 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         with app.state.sessions.begin() as session:
             app.state.local_user_id = ensure_local_user(session).id
         yield
+        await app.state.model_cache.close()
         app.state.queue.close()
 
     app = FastAPI(
@@ -43,11 +45,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings.db_url)
     app.state.storage = Storage(settings.data_dir)
     app.state.queue = JobQueue(settings)
+    app.state.metrics = metrics = Metrics()
+    app.state.model_cache = ModelCache(
+        settings.model_cache_size,
+        max_batch=settings.predict_max_batch,
+        max_wait_ms=settings.predict_max_wait_ms,
+        max_pixels=settings.max_image_pixels,
+        on_batch=metrics.observe_batch,
+        on_load=metrics.model_loads.inc,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(datasets.router)
     api.include_router(jobs.router)
+    api.include_router(models.router)
+    api.include_router(predict.router)
+    api.include_router(weights.router)
     app.include_router(api)
-    pages.install(app)  # the HTML pages and /static (after the API: its routes come first)
+    app.include_router(health.router)
     return app

@@ -1,0 +1,137 @@
+"""A per-model micro-batcher: concurrent requests share one forward pass.
+
+Each image is one queue item with its own future. The batcher takes the first waiting item, gathers
+more until it has ``max_batch`` or ``max_wait`` has passed since the first, runs one forward for all of
+them in a worker thread and resolves each future with its row. While a forward runs, new requests queue
+up, so under load batches grow by themselves and an idle server adds at most ``max_wait`` of latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+Forward = Callable[[Sequence[np.ndarray]], torch.Tensor]
+
+
+@dataclass
+class _Item:
+    array: np.ndarray
+    future: asyncio.Future[torch.Tensor]
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        forward: Forward,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        executor: Executor | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.forward = forward
+        self.max_batch = max(1, max_batch)
+        self.max_wait_s = max(0.0, max_wait_s)
+        self.executor = executor
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Item | None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+
+    async def submit(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Class probabilities (len(arrays) x C) for preprocessed images, batched with other callers."""
+        if self._closed:
+            # Evicted while this request held it: finish alone rather than fail.
+            return await self._run_forward(list(arrays))
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop:
+            # First use, or a new event loop (an app restarted in the same process): start afresh there.
+            self._queue, self._loop, self._task = asyncio.Queue(), loop, None
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._serve(self._queue), name="predict-batcher")
+        items = [_Item(a, loop.create_future()) for a in arrays]
+        for item in items:
+            self._queue.put_nowait(item)
+        try:
+            rows = await asyncio.gather(*(i.future for i in items))
+        except BaseException:
+            for i in items:  # a cancelled request (client gone) leaves nothing for the batcher to do
+                i.future.cancel()
+            raise
+        return torch.stack(rows)
+
+    async def _run_forward(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        loop = asyncio.get_running_loop()
+        probs = await loop.run_in_executor(self.executor, self.forward, arrays)
+        if self.on_batch is not None:
+            self.on_batch(len(arrays))
+        return probs
+
+    async def _collect(self, queue: asyncio.Queue[_Item | None]) -> tuple[list[_Item], bool]:
+        """The next batch, and whether the batcher was closed behind it."""
+        first = await queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    async def _serve(self, queue: asyncio.Queue[_Item | None]) -> None:
+        while True:
+            batch, stop = await self._collect(queue)
+            batch = [i for i in batch if not i.future.done()]  # requests cancelled while queued
+            if batch:
+                await self._process(batch)
+            if stop:
+                return
+
+    async def _process(self, batch: list[_Item]) -> None:
+        try:
+            probs = await self._run_forward([i.array for i in batch])
+        except asyncio.CancelledError:
+            for i in batch:
+                i.future.cancel()
+            raise
+        except Exception as e:
+            log.exception("prediction forward pass failed")
+            for i in batch:
+                if not i.future.done():
+                    i.future.set_exception(e)
+            return
+        for i, row in zip(batch, probs, strict=True):
+            if not i.future.done():
+                i.future.set_result(row)
+
+    async def close(self) -> None:
+        """Stop the batcher once everything queued before the close is answered."""
+        self._closed = True
+        task, queue = self._task, self._queue
+        if task is None or task.done() or queue is None:
+            return
+        queue.put_nowait(None)
+        await asyncio.shield(task)
