@@ -13,6 +13,7 @@ from app.db import session_factory
 from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
 from app.observability import Metrics, MetricsMiddleware
+from app.pages import routes as pages
 from app.services.users import ensure_local_user
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
@@ -65,4 +66,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(weights.router)
     app.include_router(api)
     app.include_router(health.router)
+    pages.install(app)  # the HTML pages and /static (after the API: its routes come first)
     return app
