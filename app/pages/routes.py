@@ -21,13 +21,14 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
-from app.db.tables import FINISHED_STATUSES, Dataset, Job, Model, User
+from app.api.routes.jobs import job_out  # the job page seeds its charts with exactly the API's JSON
+from app.db.tables import FINISHED_STATUSES, Dataset, Job
 from app.errors import ApiError, error_body
 from app.services import datasets as dataset_svc
 from app.services import jobs as job_svc
+from app.services import models as model_svc
 from finetune import weights as engine_weights
 from finetune.config import TrainConfig, hyperparameters
 from finetune.models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT, default_image_size
@@ -188,20 +189,6 @@ def not_found_page(request: Request, kind: str, ident: str) -> HTMLResponse:
     return render(request, "not_found.html", {"kind": kind, "ident": ident, "title": "Not found"}, 404)
 
 
-def _owned_model(session: Session, user: User, model_id: str) -> Model | None:
-    model = session.get(Model, model_id)
-    if model is None or (model.owner_id != user.id and not user.is_admin):
-        return None
-    return model
-
-
-def _owned_models(session: Session, user: User) -> list[Model]:
-    query = select(Model).order_by(Model.created_at.desc())
-    if not user.is_admin:
-        query = query.where(Model.owner_id == user.id)
-    return list(session.scalars(query))
-
-
 def _headline(evaluation: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
     """The split a model is judged on (test when it has images, else validation) and its metrics."""
     for split in ("test", "val"):
@@ -216,7 +203,7 @@ def _headline(evaluation: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
 def home(request: Request, session: SessionDep, user: CurrentUser) -> HTMLResponse:
     datasets = dataset_svc.list_owned(session, user)
     jobs = job_svc.list_owned(session, user)
-    models = _owned_models(session, user)
+    models = model_svc.list_owned(session, user)
     names = {d.id: d.name for d in datasets}
     return render(
         request,
@@ -346,8 +333,6 @@ def job_page(job_id: str, request: Request, session: SessionDep, user: CurrentUs
         job = job_svc.get_owned(session, user, job_id)
     except ApiError:
         return not_found_page(request, "job", job_id)
-    from app.api.routes.jobs import job_out  # the page seeds its charts with exactly the API's JSON
-
     metrics = job_svc.metrics_of(session, job.id)
     model = job_svc.model_of(session, job.id)
     dataset = session.get(Dataset, job.dataset_id) if job.dataset_id else None
@@ -383,8 +368,9 @@ def model_page(
     user: CurrentUser,
     split: str | None = Query(None, pattern="^(val|test)$", description="the split whose details are shown"),
 ) -> HTMLResponse:
-    model = _owned_model(session, user, model_id)
-    if model is None:
+    try:
+        model = model_svc.get_owned(session, user, model_id)
+    except ApiError:
         return not_found_page(request, "model", model_id)
     evaluation = model.evaluation or {}
     headline_split, _ = _headline(evaluation)
