@@ -22,7 +22,10 @@ DEFAULT_MAX_PIXELS = 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def open_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+ImageSource = bytes | str | Path | Image.Image
+
+
+def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image, returning an RGB ``Image`` with EXIF orientation applied.
 
     Raises ``ImageError`` with a short reason for anything that is not an acceptable image.
@@ -31,7 +34,7 @@ def open_image(source: bytes | str | Path, *, max_pixels: int = DEFAULT_MAX_PIXE
 
 
 def decode_for_size(
-    source: bytes | str | Path, short_side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    source: ImageSource, short_side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode an image for use at ``short_side`` pixels: returns (RGB image resized so its short side is
     ``short_side``, original (width, height)).
@@ -39,6 +42,9 @@ def decode_for_size(
     JPEGs are decoded at a reduced DCT scale when that still leaves at least ``short_side`` pixels,
     which is several times faster for large photos. The pixel cache and the predictor both call this,
     so training, evaluation and prediction see exactly the same pixels.
+
+    ``source`` may also be an opened PIL image: it follows the same rules (format allow-list aside), so
+    it gives the pixels its file would. One not loaded yet is loaded here, at the reduced JPEG scale.
     """
     img, original = _decode(source, max_pixels=max_pixels, draft_size=short_side)
     return resize_short_side(img, short_side), original
@@ -57,24 +63,14 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BILINEAR)
 
 
-def _decode(
-    source: bytes | str | Path, *, max_pixels: int, draft_size: int | None
-) -> tuple[Image.Image, tuple[int, int]]:
-    fp: io.BytesIO | str | Path = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+def _decode(source: ImageSource, *, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
     try:
-        img = Image.open(fp, formats=ALLOWED_FORMATS)
-        original = img.size
-        # The header gives the size before any pixel is decoded: refuse here, not after allocating.
-        # (Pillow itself only warns between its limit and twice that; this is an error at ours.)
-        if img.width * img.height > max_pixels:
-            raise ImageError(f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}")
-        if draft_size is not None and img.format == "JPEG":
-            _draft(img, draft_size)
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        if img.width == 0 or img.height == 0:
-            raise ImageError("image has no pixels")
-        return to_rgb(img), original
+        if isinstance(source, Image.Image):  # the caller's image: the caller closes it
+            return _prepare(source, max_pixels, draft_size)
+        fp: io.BytesIO | str | Path = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+        # Closing matters: Pillow keeps GIFs (any multi-frame file) open after loading them.
+        with Image.open(fp, formats=ALLOWED_FORMATS) as img:
+            return _prepare(img, max_pixels, draft_size)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -89,6 +85,21 @@ def _decode(
         raise ImageError(f"unreadable or truncated image: {reason}") from None
     except Exception as e:  # a malformed file must never crash a run; record why it was skipped
         raise ImageError(f"image could not be decoded: {type(e).__name__}: {e}") from None
+
+
+def _prepare(img: Image.Image, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    original = img.size
+    # The header gives the size before any pixel is decoded: refuse here, not after allocating.
+    # (Pillow itself only warns between its limit and twice that; this is an error at ours.)
+    if img.width * img.height > max_pixels:
+        raise ImageError(f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}")
+    if draft_size is not None and img.format == "JPEG":
+        _draft(img, draft_size)  # no effect on an image that is already loaded
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    if img.width == 0 or img.height == 0:
+        raise ImageError("image has no pixels")
+    return to_rgb(img), original
 
 
 def _draft(img: Image.Image, short_side: int) -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint
 from .errors import ConfigError
-from .images import DEFAULT_MAX_PIXELS, decode_for_size, resize_short_side, to_rgb
+from .images import DEFAULT_MAX_PIXELS, decode_for_size
 from .loader import Normalizer, center_crop_array
 from .models import Preprocessing, build_for_checkpoint
 
@@ -73,10 +73,8 @@ class Predictor:
 
         Raises ``ImageError`` for anything that is not an acceptable image."""
         prep = self.preprocessing
-        if isinstance(image, Image.Image):
-            img = resize_short_side(to_rgb(image), prep.resize_size)
-        else:
-            img, _ = decode_for_size(image, prep.resize_size, max_pixels=self.max_pixels)
+        # PIL images too: EXIF orientation, modes and JPEG scale exactly as for their bytes.
+        img, _ = decode_for_size(image, prep.resize_size, max_pixels=self.max_pixels)
         return np.ascontiguousarray(center_crop_array(np.asarray(img, dtype=np.uint8), prep.crop_size))
 
     def autocast(self) -> AbstractContextManager[Any]:
