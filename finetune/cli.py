@@ -27,11 +27,12 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 class Output:
     """Human-readable lines (and a progress bar on a terminal) or, with --json, JSON on stdout."""
 
-    def __init__(self, as_json: bool, stream: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+    def __init__(self, as_json: bool, stream: TextIO | None = None, err: TextIO | None = None) -> None:
         self.as_json = as_json
-        self.stream = stream
-        self.err = err
-        self.tty = err.isatty()
+        # Looked up now, not at import: a caller (or a test) may have redirected sys.stdout since.
+        self.stream = stream or sys.stdout
+        self.err = err or sys.stderr
+        self.tty = self.err.isatty()
         self._bar_open = False
         self._last_bar = 0.0
 
