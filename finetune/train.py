@@ -43,7 +43,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .dataset import Dataset, DatasetOptions, load_dataset
-from .errors import Cancelled, CheckpointError, ConfigError
+from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
 from .evaluate import metrics_from_logits, predict_logits
 from .events import (
     BatchEnd,
@@ -72,6 +72,7 @@ from .models import (
     state_fingerprint,
 )
 from .pixelcache import PixelCache
+from .weights import cached_imagenet_path
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +246,13 @@ class _Run:
     def execute(self, resume_from: Path | None) -> RunResult:
         c = self.config
         torch.manual_seed(c.seed)
+        self.check_weights()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.dataset = self.load_data()
         self.built = self.load_model()
+        # Written only once the model is built: a run that fails before leaves its folder empty, so the
+        # same command can simply be run again (train refuses a non-empty folder).
+        atomic_write_json(self.run_dir / "dataset.json", self.dataset.report())
         self.model = self.built.model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -320,8 +325,15 @@ class _Run:
         self.test_images = CachedImages(self.pixels, dataset.split("test"))
         if len(self.val_images) == 0:
             raise ConfigError(["the dataset has no validation images"])
-        atomic_write_json(self.run_dir / "dataset.json", dataset.report())
         return dataset
+
+    def check_weights(self) -> None:
+        """Missing weights fail at once, not after the dataset pass (which can take minutes)."""
+        c = self.config
+        if c.weights == "imagenet":
+            cached_imagenet_path(c.model, c.weights_dir)
+        elif c.weights != "none" and not Path(c.weights).is_file():
+            raise WeightsError(f"weights file not found: {c.weights}")
 
     def load_model(self) -> BuiltModel:
         c = self.config
