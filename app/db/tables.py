@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     DateTime,
@@ -35,6 +36,9 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 JSONType = JSON().with_variant(JSONB(), "postgresql")
+# Byte counts pass 2 GiB (uploads up to 2 GiB expanding to 8 GiB, runs of large models); SQLite's INTEGER is
+# 64-bit already.
+ByteCount = BigInteger().with_variant(Integer(), "sqlite")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
@@ -74,7 +78,7 @@ class Dataset(Base):
     num_classes: Mapped[int] = mapped_column(Integer)
     classes: Mapped[list[Any]] = mapped_column()
     report: Mapped[dict[str, Any]] = mapped_column()
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(ByteCount, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="dataset", lazy="raise")
@@ -158,5 +162,5 @@ class Model(Base):
     evaluation: Mapped[dict[str, Any]] = mapped_column()  # val/test metrics, per class, confusion matrix
     config: Mapped[dict[str, Any]] = mapped_column()
     run_key: Mapped[str] = mapped_column(String(200))
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(ByteCount, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from sqlalchemy import inspect, select
 
-from app.db import engine_for
+from app.db import engine_for, session_scope
 from app.db.migrate import alembic_config, downgrade, upgrade
-from app.db.tables import Base
+from app.db.tables import Base, Dataset, Model, User
 
 TABLES = {"users", "datasets", "jobs", "job_metrics", "models"}
 
@@ -65,3 +65,36 @@ def test_models_match_after_a_round_trip(db_url: str) -> None:
     assert schema_drift(db_url) == []
     indexes = {ix["name"] for ix in inspect(engine_for(db_url)).get_indexes("jobs")}
     assert {"ix_jobs_status_created_at", "ix_jobs_owner_id", "ix_jobs_dataset_id"} <= indexes
+
+
+def test_each_revision_steps_down_and_up(db_url: str) -> None:
+    script = ScriptDirectory.from_config(alembic_config(db_url))
+    revisions = [r.revision for r in script.walk_revisions("base", "heads")]  # newest first
+    for expected_after in [*revisions[1:], None]:
+        downgrade(db_url, "-1")
+        assert current_revision(db_url) == expected_after
+    for revision in reversed(revisions):
+        upgrade(db_url, "+1")
+        assert current_revision(db_url) == revision
+    assert schema_drift(db_url) == []
+
+
+def test_byte_counts_beyond_2_gib_fit(db_url: str) -> None:
+    """Uploads may be 2 GiB and expand to 8 GiB; a run of a large model passes 2 GiB too."""
+    big = 5 * 1024**3
+    with session_scope(db_url) as s:
+        user = User(name="someone")
+        s.add(user)
+        s.flush()
+        dataset = Dataset(
+            owner_id=user.id, name="big", storage_key="datasets/x", source="zip", num_images=1, num_classes=2,
+            classes=["a", "b"], report={}, size_bytes=big,
+        )  # fmt: skip
+        model = Model(
+            owner_id=user.id, name="big", arch="resnet152", num_classes=2, classes=["a", "b"], evaluation={},
+            config={}, run_key="runs/x", size_bytes=big,
+        )  # fmt: skip
+        s.add_all([dataset, model])
+    with session_scope(db_url) as s:
+        assert s.scalars(select(Dataset.size_bytes)).one() == big
+        assert s.scalars(select(Model.size_bytes)).one() == big
