@@ -151,6 +151,7 @@ def get_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobOut:
 def cancel_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobOut:
     job = svc.get_owned(session, user, job_id)
     svc.cancel(session, job)
+    session.commit()  # before the answer: the session dependency would commit only after it is sent
     return job_out(job)
 
 
@@ -182,6 +183,9 @@ def delete_job(job_id: str, session: SessionDep, storage: StorageDep, user: Curr
 )
 async def job_events(job_id: str, request: Request, session: SessionDep, user: CurrentUser) -> StreamingResponse:
     svc.get_owned(session, user, job_id)  # 404 before the stream starts
+    # The request's session would otherwise hold a pooled connection (and a transaction) for as long as
+    # someone watches; the stream polls with short sessions of its own.
+    session.close()
     sessions = request.app.state.sessions
 
     def snapshot(after_epoch: int) -> tuple[JobOut, list[MetricOut]]:
