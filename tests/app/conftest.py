@@ -4,6 +4,7 @@ the PostgreSQL server on 127.0.0.1:5432), an app client, generated datasets, and
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import subprocess
@@ -107,6 +108,15 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+# ``python -m app.cli worker`` that gets SIGTERM when the test process dies (a run killed by a timeout or ^C
+# leaves no worker behind polling its queue).
+WORKER_WITH_PDEATHSIG = (
+    "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
+    "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'app.cli', 'worker'])"
+)
+
+
 @pytest.fixture
 def start_worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     """Starts real worker processes (``python -m app.cli worker``) on the test's settings; each call starts
@@ -117,7 +127,7 @@ def start_worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[b
         n = len(started) + 1
         log = open(settings.data_dir.parent / ("worker.log" if n == 1 else f"worker-{n}.log"), "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker"],
+            [sys.executable, "-c", WORKER_WITH_PDEATHSIG, str(os.getpid())],
             env=settings_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -257,3 +267,23 @@ def count_rows(settings: Settings, table: str) -> int:
 
     with engine_for(settings.db_url).connect() as conn:
         return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+
+def read_events(client: TestClient, job_id: str, timeout: float = 120) -> list[tuple[str, dict[str, Any]]]:
+    """Read ``GET /jobs/{id}/events`` to its end: [(event, data), ...] (comments such as keep-alives dropped)."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    deadline = time.monotonic() + timeout
+    with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event, data = "message", ""
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+            elif line.startswith("data: "):
+                data += line[len("data: ") :]
+            elif line == "" and data:
+                events.append((event, json.loads(data)))
+                event, data = "message", ""
+            assert time.monotonic() < deadline, f"the event stream did not end within {timeout}s: {events[-3:]}"
+    return events

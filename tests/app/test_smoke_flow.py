@@ -1,12 +1,17 @@
-"""The core flow over HTTP: upload a zip, train through the real queue and a real job process."""
+"""The core flow over HTTP on PostgreSQL: upload a zip, train through the real queue and a real job process.
+
+The worker-based tests in test_jobs_lifecycle.py run on SQLite; this one proves the worker, the job process
+and their fenced writes work the same against PostgreSQL."""
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
-from tests.app.conftest import upload_zip, wait_for_job
+from tests.app.conftest import read_events, upload_zip, wait_for_job
 
 
+@pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
 def test_upload_train_and_finish(client: TestClient, worker: object) -> None:
     dataset = upload_zip(client)
     assert dataset["num_classes"] == 3
@@ -14,7 +19,11 @@ def test_upload_train_and_finish(client: TestClient, worker: object) -> None:
         "/api/v1/jobs", json={"dataset_id": dataset["id"], "model": "lenet", "weights": "none", "epochs": 3}
     )
     assert r.status_code == 202, r.text
+    events = read_events(client, r.json()["id"])
+    assert events[-1] == ("end", {"id": r.json()["id"], "status": "succeeded"})
+    assert [data["epoch"] for kind, data in events if kind == "metric"] == [1, 2, 3]
     job = wait_for_job(client, r.json()["id"], ("succeeded", "failed", "cancelled"))
     assert job["status"] == "succeeded", job
+    assert job["attempt"] == 1
     assert [m["epoch"] for m in job["metrics"]] == [1, 2, 3]
     assert job["model_id"]
