@@ -28,14 +28,16 @@ log = logging.getLogger(__name__)
 
 
 def _holder_is_dead(worker: str | None) -> bool:
-    """True when the job's worker ran on this host and its process is gone."""
+    """True when the job's worker ran on this host and its process is gone. Called at startup, before this
+    process has claimed anything: a job held under our own identity was held by an earlier process that had
+    our pid (a restarted container's worker is PID 1 again)."""
     if not worker or ":" not in worker:
         return False
     host, _, pid = worker.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     if int(pid) == os.getpid():
-        return False
+        return True
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -253,32 +254,80 @@ def test_a_killed_worker_before_the_first_checkpoint_fails_the_job_on_restart(
 # -- recovery, without a worker (both databases) -----------------------------------------------------------
 
 
+def hold(settings: Settings, job_id: str, worker: str, heartbeat: datetime) -> None:
+    """Make a job look claimed by ``worker`` (attempt 1), last heard of at ``heartbeat``."""
+    with session_scope(settings.db_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="running", attempt=1, worker=worker, heartbeat_at=heartbeat, started_at=heartbeat)
+        )
+
+
+def give_checkpoint(settings: Settings, job_id: str) -> None:
+    checkpoint = run_dir(settings, job_id) / "checkpoints" / "epoch-0001"
+    checkpoint.mkdir(parents=True)
+    (run_dir(settings, job_id) / "last").symlink_to("checkpoints/epoch-0001")
+
+
+def recover(settings: Settings, *, startup: bool) -> tuple[list[str], int]:
+    """Run the recovery as a worker does; returns (requeued ids, messages it added to the queue)."""
+    queue = JobQueue(settings)
+    try:
+        before = queue.depth()
+        requeued = recover_jobs(settings, queue, startup=startup)
+        return requeued, queue.depth() - before
+    finally:
+        queue.close()
+
+
 def test_recovery_of_jobs_whose_heartbeat_stopped(client: TestClient, dataset: dict, settings: Settings) -> None:
     """The periodic check: a running job without a heartbeat for stale_after_seconds is lost; with a checkpoint
     it is queued again to resume, without one it fails with the reason. A live job is left alone."""
     with_checkpoint, without, alive = (create(client, dataset, epochs=2) for _ in range(3))
     stale = utcnow() - timedelta(seconds=settings.stale_after_seconds + 30)
-    with session_scope(settings.db_url) as s:
-        for job, beat in ((with_checkpoint, stale), (without, stale), (alive, utcnow())):
-            s.execute(
-                update(Job)
-                .where(Job.id == job["id"])
-                .values(status="running", attempt=1, worker="elsewhere:1", heartbeat_at=beat, started_at=stale)
-            )
-    checkpoint = run_dir(settings, with_checkpoint["id"]) / "checkpoints" / "epoch-0001"
-    checkpoint.mkdir(parents=True)
-    (checkpoint.parent.parent / "last").symlink_to("checkpoints/epoch-0001")
+    hold(settings, with_checkpoint["id"], "elsewhere:1", stale)
+    hold(settings, without["id"], "elsewhere:2", stale)
+    hold(settings, alive["id"], "elsewhere:3", utcnow())
+    give_checkpoint(settings, with_checkpoint["id"])
 
-    queue = JobQueue(settings)
-    try:
-        requeued = recover_jobs(settings, queue, startup=False)
-        assert requeued == [with_checkpoint["id"]]
-        assert queue.depth() == 3 + 1  # the three creations and the requeue
-    finally:
-        queue.close()
+    assert recover(settings, startup=False) == ([with_checkpoint["id"]], 1)
 
     a = client.get(f"{API}/{with_checkpoint['id']}").json()
     assert a["status"] == "queued" and a["attempt"] == 1 and "checkpoint" in a["message"]
     b = client.get(f"{API}/{without['id']}").json()
     assert b["status"] == "failed" and b["error_code"] == "worker_lost" and b["finished_at"]
+    assert "before its first checkpoint" in b["error"]
     assert client.get(f"{API}/{alive['id']}").json()["status"] == "running"
+
+
+def test_recovery_at_worker_startup(client: TestClient, dataset: dict, settings: Settings) -> None:
+    """At startup a worker also takes back jobs whose worker process on this host is gone (without waiting
+    for the heartbeat to go stale) and enqueues every queued job again."""
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        jobs = [create(client, dataset, epochs=2) for _ in range(5)]
+        dead_holder, same_pid_holder, live_holder, other_host, queued = (j["id"] for j in jobs)
+        now = utcnow()
+        hold(settings, dead_holder, f"{host}:{dead.pid}", now)
+        give_checkpoint(settings, dead_holder)
+        # held under this very pid: by an earlier process that had it (a restarted container's PID 1)
+        hold(settings, same_pid_holder, f"{host}:{os.getpid()}", now)
+        hold(settings, live_holder, f"{host}:{alive.pid}", now)
+        hold(settings, other_host, "another-host:1", now)
+
+        assert recover(settings, startup=True) == ([dead_holder, queued], 2)
+    finally:
+        alive.kill()
+        alive.wait()
+
+    status = {j["id"]: client.get(f"{API}/{j['id']}").json() for j in jobs}
+    assert status[dead_holder]["status"] == "queued"
+    assert status[same_pid_holder]["status"] == "failed"
+    assert status[same_pid_holder]["error_code"] == "worker_lost"
+    assert status[live_holder]["status"] == "running"
+    assert status[other_host]["status"] == "running"
+    assert status[queued]["status"] == "queued"
