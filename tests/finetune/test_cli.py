@@ -102,10 +102,12 @@ def test_bad_input_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path, s
     assert code == EXIT_BAD_INPUT and "epochs must be" in err and "batch_size must be" in err
     code, _, err = run_cli(capsys, "train", "--model", "lenet")
     assert code == EXIT_BAD_INPUT and "train needs DATA and --out" in err
+    weights_dir = ["--weights-dir", str(tmp_path / "weights")]  # empty: never the user's torch cache
     code, _, err = run_cli(
-        capsys, "train", str(shapes_data), "--out", str(tmp_path / "r5"), "--model", "resnet18", *cache, "--json"
+        capsys, "train", str(shapes_data), "--out", str(tmp_path / "r5"), "--model", "resnet18", *cache, *weights_dir
     )
     assert code == EXIT_BAD_INPUT and "finetune weights fetch resnet18" in err  # no cached ImageNet weights
+    assert not (tmp_path / "r5").exists()
 
 
 def test_argument_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
