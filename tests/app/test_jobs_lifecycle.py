@@ -251,6 +251,24 @@ def test_a_killed_worker_before_the_first_checkpoint_fails_the_job_on_restart(
     assert [m["epoch"] for m in done["metrics"]] == [1, 2]
 
 
+@sqlite_only
+def test_a_job_process_that_does_not_stop_is_terminated_after_the_grace_period(
+    client: TestClient, dataset: dict, settings: Settings, start_worker: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    """Cancelled while its process is still starting (not yet looking at the cancel flag): the worker
+    terminates it once cancel_grace_seconds have passed, and the job ends cancelled."""
+    settings.cancel_grace_seconds = 0.5
+    start_worker()
+    job = create(client, dataset, epochs=LONG)
+    wait_until(lambda: job_processes(job["id"]), 60, "the job process to start", interval=0.02)
+    assert client.post(f"{API}/{job['id']}/cancel").json()["cancel_requested"] is True
+    cancelled = wait_for_job(client, job["id"], FINISHED, timeout=30)
+    assert cancelled["status"] == "cancelled", cancelled
+    assert cancelled["metrics"] == [] and cancelled["error"] is None
+    wait_gone(job["id"])
+    assert "did not stop within" in (settings.data_dir.parent / "worker.log").read_text()
+
+
 # -- recovery, without a worker (both databases) -----------------------------------------------------------
 
 
