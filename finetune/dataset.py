@@ -16,7 +16,7 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
 from .archive import ArchiveLimits, extract_zip, is_junk
@@ -200,6 +200,11 @@ def load_dataset(
     elif explicit:
         _check_classes(classes, samples_raw, explicit)
         samples = [Sample(r, label_of[c], sp or "train", sha, w, h) for r, c, sp, sha, w, h in samples_raw]
+        if layout is not None and "val" not in layout:
+            # train/ and test/ but no val/: validation images come out of train/, stratified and seeded.
+            train_raw = [item for item in samples_raw if item[2] == "train"]
+            samples = [s for s in samples if s.split != "train"]
+            samples += _stratified_split(train_raw, label_of, replace(options, test_fraction=0.0))
     else:
         _check_classes(classes, samples_raw, explicit)
         samples = _stratified_split(samples_raw, label_of, options)
@@ -245,13 +250,14 @@ def _descend_wrapper_folders(root: Path) -> Path:
 
 
 def _find_layout(root: Path) -> dict[str, Path] | None:
-    """{'train': path, 'val': path, ('test': path)} when the folder already has a split, else None."""
+    """{'train': path, 'val': path, 'test': path} (val or test may be missing, not both) when the folder
+    already has a split, else None."""
     found: dict[str, Path] = {}
     for e in _listdir(root):
         split = _SPLIT_ALIASES.get(e.name.lower())
         if e.is_dir() and split is not None and split not in found:
             found[split] = Path(e.path)
-    if "train" in found and "val" in found:
+    if "train" in found and ("val" in found or "test" in found):
         return found
     return None
 

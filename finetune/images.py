@@ -93,6 +93,8 @@ def _prepare(img: Image.Image, max_pixels: int, draft_size: int | None) -> tuple
     # (Pillow itself only warns between its limit and twice that; this is an error at ours.)
     if img.width * img.height > max_pixels:
         raise ImageError(f"image has {img.width}x{img.height} pixels, over the limit of {max_pixels}")
+    if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # shown rotated by 90 degrees
+        original = (original[1], original[0])
     if draft_size is not None and img.format == "JPEG":
         _draft(img, draft_size)  # no effect on an image that is already loaded
     img.load()
@@ -100,6 +102,9 @@ def _prepare(img: Image.Image, max_pixels: int, draft_size: int | None) -> tuple
     if img.width == 0 or img.height == 0:
         raise ImageError("image has no pixels")
     return to_rgb(img), original
+
+
+_EXIF_ORIENTATION = 0x0112
 
 
 def _draft(img: Image.Image, short_side: int) -> None:

@@ -518,6 +518,7 @@ class _Run:
                 loss_sum += loss.item() * len(idx)
                 correct += (logits.argmax(1) == yb).sum().item()
                 seen += len(idx)
+            train_time = time.perf_counter() - t0
             head.eval()
             with torch.no_grad():
                 val_logits = head(x_val)
@@ -527,7 +528,9 @@ class _Run:
                 "val_loss": F.cross_entropy(val_logits, y_val).item(),
                 "val_acc": (val_logits.argmax(1) == y_val).float().mean().item(),
             }
-            is_best = self.end_epoch(stage, epoch, total_epochs, metrics, optimizer, seen, time.perf_counter() - t0)
+            is_best = self.end_epoch(
+                stage, epoch, total_epochs, metrics, optimizer, seen, train_time, time.perf_counter() - t0
+            )
             if is_best:
                 best_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
             if self.tracker.should_stop:
@@ -596,6 +599,7 @@ class _Run:
                         self.eta(stage, epoch, total_epochs, b / len(order), elapsed),
                     )
                 )
+            train_time = time.perf_counter() - t0
             val_logits, val_labels = predict_logits(
                 self.model,
                 self.val_images,
@@ -611,7 +615,9 @@ class _Run:
                 "val_loss": F.cross_entropy(val_logits, val_labels).item(),
                 "val_acc": (val_logits.argmax(1) == val_labels).float().mean().item(),
             }
-            is_best = self.end_epoch(stage, epoch, total_epochs, metrics, optimizer, seen, time.perf_counter() - t0)
+            is_best = self.end_epoch(
+                stage, epoch, total_epochs, metrics, optimizer, seen, train_time, time.perf_counter() - t0
+            )
             state = {
                 "stage": "finetune",
                 "optimizer": optimizer.state_dict(),
@@ -701,8 +707,11 @@ class _Run:
         metrics: dict[str, float],
         optimizer: torch.optim.Optimizer,
         seen: float,
+        train_time: float,
         epoch_time: float,
     ) -> bool:
+        """Record an epoch. ``images_per_sec`` is training throughput (validation excluded);
+        ``epoch_time`` is the whole epoch."""
         is_best = self.tracker.update(epoch, metrics)
         self.clock.epoch_times[stage.name].append(epoch_time)
         lr = optimizer.param_groups[-1]["lr"]
@@ -712,7 +721,7 @@ class _Run:
             **metrics,
             "lr": lr,
             "epoch_time": epoch_time,
-            "images_per_sec": seen / max(epoch_time, 1e-9),
+            "images_per_sec": seen / max(train_time, 1e-9),
         }
         self.history.append(record)
         self.emit(

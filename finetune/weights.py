@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -214,11 +215,16 @@ def load_state_file(path: str | Path) -> dict[str, Any]:
     if path.suffix in (".pth", ".pt", ".bin"):
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # weights_only refuses pickled code with UnpicklingError and friends
+        except pickle.UnpicklingError:
+            # weights_only refuses anything but tensors and plain containers; torch's own message
+            # suggests loading the file anyway, which is exactly what we must never do with user files.
             raise WeightsError(
-                f"{path.name} could not be loaded as tensors only (weights_only=True): {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}"
+                f"{path.name} is not a tensors-only torch file (it holds pickled Python objects, or is not a "
+                "torch file at all) and is refused: it was read with weights_only=True. Save the state dict as "
+                ".safetensors instead."
             ) from None
+        except Exception as e:
+            raise WeightsError(f"{path.name} is not a readable torch file: {type(e).__name__}") from None
         return _unwrap_state_dict(obj, path)
     raise WeightsError(f"{path.name}: weights must be a .safetensors file (or a tensors-only .pth)")
 

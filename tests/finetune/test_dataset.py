@@ -441,3 +441,23 @@ def test_pixel_cache_entries_and_torn_files(tmp_path: Path) -> None:
     assert cache.original_size(s.sha256) is None
     load_dataset(root, pixel_cache=cache)
     assert cache.original_size(s.sha256) == (16, 16)
+
+
+def test_train_and_test_folders_without_val_take_val_from_train(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split, n in (("train", 10), ("test", 3)):
+        for cls, colour in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20 + i, 20), colour).save(folder / f"{i}.png")
+    ds = load_dataset(tmp_path)
+    assert ds.classes == ["cat", "dog"]
+    counts = ds.counts()
+    for cls in ("cat", "dog"):
+        assert counts[cls]["test"] == 3
+        assert counts[cls]["val"] >= 1
+        assert counts[cls]["train"] + counts[cls]["val"] == 10
+    assert all(s.path.startswith("test/") for s in ds.split("test"))
+    assert all(s.path.startswith("train/") for s in ds.split("val"))

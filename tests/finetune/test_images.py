@@ -159,3 +159,13 @@ def test_files_are_closed_after_decoding(tmp_path: Path) -> None:
     images = [open_image(path), decode_for_size(path, 8)[0]]
     assert all(img.size in ((10, 10), (8, 8)) for img in images)
     assert str(path) not in _open_paths()
+
+
+def test_exif_rotated_photo_reports_its_displayed_size() -> None:
+    from finetune.images import decode_for_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = image_bytes(solid((10, 200, 10), (60, 30)), "JPEG", exif=exif.tobytes())
+    _, original = decode_for_size(data, 16)
+    assert original == (30, 60)
