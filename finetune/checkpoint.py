@@ -176,7 +176,7 @@ class Checkpoint:
         if not p.is_file():
             raise CheckpointError(f"{self.path} has no training state (it cannot be resumed from)")
         # Tensors, numbers, strings and containers only: never arbitrary pickled objects.
-        return torch.load(p, map_location="cpu", weights_only=True)  # type: ignore[no-any-return]
+        return torch.load(p, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(run_dir: str | Path, which: str = "best") -> Checkpoint:

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -209,7 +209,7 @@ def cmd_train(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
-def _train_printer(out: Output):  # type: ignore[no-untyped-def]
+def _train_printer(out: Output) -> Callable[[Any], None]:
     def on_event(event: Any) -> None:
         if out.as_json:
             if event.kind != "batch_end":

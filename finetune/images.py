@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
@@ -136,9 +137,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _scale_to_8bit(img: Image.Image):  # type: ignore[no-untyped-def]
-    import numpy as np
-
+def _scale_to_8bit(img: Image.Image) -> np.ndarray:
     arr = np.asarray(img, dtype=np.float64)
     top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
     return np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)

@@ -43,7 +43,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]))  # type: ignore[arg-type]
+        return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]))
 
 
 def default_image_size(arch: str) -> int:
@@ -62,7 +62,7 @@ def preprocessing_for(arch: str, weights: str, image_size: int | None = None) ->
         mean, std = tuple(t.mean), tuple(t.std)
     crop = image_size or base_crop
     resize = base_resize if crop == base_crop else max(crop, round(crop * base_resize / base_crop))
-    return Preprocessing(resize, crop, mean, std)  # type: ignore[arg-type]
+    return Preprocessing(resize, crop, mean, std)
 
 
 def check_arch(arch: str) -> None:
@@ -233,7 +233,8 @@ def forward_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, lis
     """(main logits, auxiliary logits) for one forward pass; only GoogLeNet in train mode has aux."""
     out = model(x)
     if isinstance(out, tuple) and hasattr(out, "logits"):  # GoogLeNetOutputs(logits, aux_logits2, aux_logits1)
-        return out.logits, [a for a in (out.aux_logits1, out.aux_logits2) if a is not None]
+        aux = (getattr(out, "aux_logits1", None), getattr(out, "aux_logits2", None))
+        return out.logits, [a for a in aux if a is not None]
     return out, []
 
 

@@ -567,7 +567,7 @@ class _Run:
             first = start_epoch + 1
         step_model: Callable[[torch.Tensor], Any] = self.model
         if c.compile:
-            step_model = torch.compile(self.model)  # type: ignore[assignment]
+            step_model = torch.compile(self.model)
         augment = TrainAugment(self.prep, self.device, self.channels_last, scale=(c.crop_scale_min, 1.0), hflip=c.hflip)
         for epoch in range(first, stage.last_epoch + 1):
             t0 = time.perf_counter()
@@ -850,7 +850,7 @@ def _now() -> str:
 
 
 def load_run_info(run_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(run_dir) / RUN_FILE)  # type: ignore[no-any-return]
+    return read_json(Path(run_dir) / RUN_FILE)
 
 
 __all__ = ["RunResult", "load_run_info", "resume", "train", "versions"]
