@@ -6,6 +6,7 @@ killed simply has more epochs. The worker tests run on SQLite only (see ``sqlite
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -27,6 +28,8 @@ from app.settings import Settings
 from tests.app.conftest import (
     assert_error,
     dataset_files,
+    drop_pg_database,
+    fresh_pg_database,
     job_processes,
     read_events,
     sqlite_only,
@@ -349,3 +352,42 @@ def test_recovery_at_worker_startup(client: TestClient, dataset: dict, settings:
     assert status[live_holder]["status"] == "running"
     assert status[other_host]["status"] == "running"
     assert status[queued]["status"] == "queued"
+
+
+# -- the queue backends -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "redis"])
+def test_queue_backends_carry_job_ids_in_order(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """What the API enqueues, a worker (another JobQueue on the same settings) takes, first in first out."""
+    with contextlib.ExitStack() as cleanup:
+        url = None
+        if backend == "postgres":
+            admin = request.getfixturevalue("pg_server")
+            url, name = fresh_pg_database(admin)
+            cleanup.callback(drop_pg_database, admin, name)
+        elif backend == "redis":
+            url = "redis://127.0.0.1:6379/0"
+        settings = Settings(
+            data_dir=tmp_path / "data", queue_backend=backend, queue_url=url, queue_name=f"test-{tmp_path.name}"
+        )
+        api, worker = JobQueue(settings), JobQueue(settings)
+        cleanup.callback(worker.close)
+        cleanup.callback(api.close)
+        cleanup.callback(api.huey.flush)
+
+        assert api.ping()
+        api.enqueue("job-1")
+        api.enqueue("job-2")
+        assert api.depth() == worker.depth() == 2
+        taken = [worker.huey.dequeue() for _ in range(2)]
+        assert [(t.name, t.args) for t in taken] == [("run_job", ("job-1",)), ("run_job", ("job-2",))]
+        assert api.depth() == 0
+
+
+def test_an_unreachable_queue_is_reported_not_raised(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", queue_backend="redis", queue_url="redis://127.0.0.1:1/0")
+    queue = JobQueue(settings)
+    assert queue.ping() is False
+    with pytest.raises(ValueError, match="needs FINETUNE_QUEUE_URL"):
+        JobQueue(Settings(data_dir=tmp_path / "data", queue_backend="postgres"))
