@@ -133,6 +133,23 @@ def test_zip_with_a_wrapper_folder(client: TestClient) -> None:
     assert report["files"][0]["path"].split("/")[0] in ("blue", "green", "red")
 
 
+def test_explicit_split_and_unicode_class_names(client: TestClient) -> None:
+    train = dataset_files(per_class=4, classes={"große Katze": (200, 40, 40), "chien noir": (20, 20, 20)})
+    val = dataset_files(per_class=2, seed=5, classes={"große Katze": (200, 40, 40), "chien noir": (20, 20, 20)})
+    files = {f"train/{k}": v for k, v in train.items()} | {f"val/{k}": v for k, v in val.items()}
+    form = files_form(files, [k.replace("/", "\\") for k in files])  # as Windows would send them
+    r = client.post(API, **form)
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert ds["classes"] == ["chien noir", "große Katze"]
+    assert ds["report"]["split"] == "explicit"
+    assert ds["report"]["counts"]["große Katze"] == {"train": 4, "val": 2, "test": 0}
+    for urls in ds["thumbnails"].values():
+        assert client.get(urls[0]).headers["content-type"] == "image/jpeg"
+    paths = {f["path"] for f in client.get(f"{API}/{ds['id']}/report").json()["files"]}
+    assert "train/große Katze/0.png" in paths and "val/chien noir/1.png" in paths
+
+
 # -- reading ----------------------------------------------------------------------------------------------
 
 
