@@ -44,7 +44,7 @@ def make_photo(shape: str, rng: random.Random, size: tuple[int, int] = (400, 300
     w, h = size
     base = tuple(rng.randint(40, 215) for _ in range(3))
     img = Image.effect_noise((w, h), 40).convert("RGB")
-    tint = Image.new("RGB", (w, h), base)  # type: ignore[arg-type]
+    tint = Image.new("RGB", (w, h), base)
     img = Image.blend(img, tint, 0.6)
     draw = ImageDraw.Draw(img)
     for _ in range(rng.randint(2, 5)):  # distractor lines
@@ -52,7 +52,7 @@ def make_photo(shape: str, rng: random.Random, size: tuple[int, int] = (400, 300
             [(rng.uniform(0, w), rng.uniform(0, h)), (rng.uniform(0, w), rng.uniform(0, h))],
             fill=tuple(rng.randint(0, 255) for _ in range(3)),
             width=rng.randint(1, 4),
-        )  # type: ignore[arg-type]
+        )
     r = rng.uniform(0.18, 0.32) * min(w, h)
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     fill = tuple(rng.randint(0, 255) for _ in range(3))

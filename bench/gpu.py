@@ -84,7 +84,7 @@ def ours(
             pixels.store(sha, img, orig)
         samples.append(Sample(str(f), classes.index(f.parent.name), "train", sha, 0, 0))
     images = CachedImages(pixels, samples)
-    model = built.model.to(device, memory_format=torch.channels_last).train()
+    model = built.model.to(device).to(memory_format=torch.channels_last).train()
     step_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     augment = TrainAugment(prep, device, channels_last=True)
@@ -94,7 +94,7 @@ def ours(
         x = augment(batch_, gen)
         y = batch_.labels.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits, aux = forward_logits(step_model, x)
+            logits, aux = forward_logits(step_model, x)  # type: ignore[arg-type]
             loss = F.cross_entropy(logits, y) + 0.3 * sum(
                 (F.cross_entropy(a, y) for a in aux), torch.zeros((), device=device)
             )
@@ -155,7 +155,7 @@ def tutorial(arch: str, data: Path, device: torch.device, *, seconds: float) -> 
 def predict(arch: str, device: torch.device, *, batch: int = 256, seconds: float = 5.0) -> dict[str, Any]:
     from finetune.models import build_model
 
-    model = build_model(arch, 10, "none").model.to(device, memory_format=torch.channels_last).eval()
+    model = build_model(arch, 10, "none").model.to(device).to(memory_format=torch.channels_last).eval()
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     for _ in range(5):
         with torch.autocast("cuda", dtype=torch.bfloat16):
