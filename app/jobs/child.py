@@ -198,7 +198,7 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
                 Model(
                     owner_id=owner_id,
                     job_id=job_id,
-                    name=f"{dataset.name} · {job_config.get('model')}",
+                    name=_model_name(dataset.name, str(job_config.get("model"))),
                     arch=str(job_config.get("model")),
                     num_classes=len(dataset.classes),
                     classes=list(dataset.classes),
@@ -209,6 +209,13 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
                 )
             )
     return 0
+
+
+def _model_name(dataset_name: str, arch: str) -> str:
+    """The model's name, "<dataset> · <arch>", its dataset part cut to fit the column (PostgreSQL enforces it)."""
+    suffix = f" · {arch}"
+    limit = 200 - len(suffix)  # models.name is String(200)
+    return f"{dataset_name[:limit].rstrip()}{suffix}"
 
 
 def _explain_failure(e: Exception, detail: str) -> str:

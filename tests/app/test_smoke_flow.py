@@ -8,13 +8,17 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from app.db import session_scope
+from app.db.tables import Model
+from app.settings import Settings
 from tests.app.conftest import read_events, upload_zip, wait_for_job
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
-def test_upload_train_and_finish(client: TestClient, worker: object) -> None:
-    dataset = upload_zip(client)
-    assert dataset["num_classes"] == 3
+def test_upload_train_and_finish(client: TestClient, settings: Settings, worker: object) -> None:
+    name = "a dataset with the longest name allowed " + "x" * 160  # PostgreSQL enforces column lengths
+    dataset = upload_zip(client, name=name)
+    assert dataset["num_classes"] == 3 and dataset["name"] == name
     r = client.post(
         "/api/v1/jobs", json={"dataset_id": dataset["id"], "model": "lenet", "weights": "none", "epochs": 3}
     )
@@ -27,3 +31,7 @@ def test_upload_train_and_finish(client: TestClient, worker: object) -> None:
     assert job["attempt"] == 1
     assert [m["epoch"] for m in job["metrics"]] == [1, 2, 3]
     assert job["model_id"]
+    with session_scope(settings.db_url) as s:
+        model = s.get(Model, job["model_id"])
+        assert model is not None and model.name.startswith("a dataset with") and model.name.endswith("lenet")
+        assert len(model.name) <= 200
