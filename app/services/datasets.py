@@ -114,7 +114,8 @@ def full_report(storage: Storage, dataset: Dataset) -> dict[str, Any]:
 
 
 def get_owned(session: Session, owner: User, dataset_id: str) -> Dataset:
-    dataset = session.get(Dataset, dataset_id)
+    # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
+    dataset = session.get(Dataset, dataset_id) if "\x00" not in dataset_id else None
     if dataset is None or (dataset.owner_id != owner.id and not owner.is_admin):
         raise not_found("dataset", dataset_id)
     return dataset

@@ -93,7 +93,8 @@ def create_job(session: Session, owner: User, dataset: Dataset, config: TrainCon
 
 
 def get_owned(session: Session, owner: User, job_id: str) -> Job:
-    job = session.get(Job, job_id)
+    # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
+    job = session.get(Job, job_id) if "\x00" not in job_id else None
     if job is None or (job.owner_id != owner.id and not owner.is_admin):
         raise not_found("job", job_id)
     return job

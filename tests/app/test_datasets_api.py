@@ -150,6 +150,18 @@ def test_explicit_split_and_unicode_class_names(client: TestClient) -> None:
     assert "train/große Katze/0.png" in paths and "val/chien noir/1.png" in paths
 
 
+def test_names_lose_control_characters(client: TestClient) -> None:
+    body = zip_bytes(dataset_files(per_class=3))
+    r = client.post(API, **archive(body), data={"name": " cats\x00 and\ndogs\t"})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "cats  and dogs"
+    r = client.post(API, content=body, headers={"content-type": "application/zip"}, params={"name": "x" * 300})
+    assert r.json()["name"] == "x" * 200
+    r = client.post(API, content=body, headers={"content-type": "application/zip"}, params={"name": "\x00\x01"})
+    assert r.json()["name"].startswith("dataset ")
+    assert len(client.get(API).json()) == 3
+
+
 # -- reading ----------------------------------------------------------------------------------------------
 
 
@@ -188,6 +200,7 @@ def test_missing_datasets_and_thumbnails_are_404(client: TestClient) -> None:
     assert_error(client.get(f"{API}/nope/report"), 404, "not_found")
     assert_error(client.get(f"{API}/nope/thumbnails/0"), 404, "not_found")
     assert_error(client.delete(f"{API}/nope"), 404, "not_found")
+    assert_error(client.get(f"{API}/a%00b"), 404, "not_found")  # PostgreSQL refuses NUL in a parameter
     ds = upload_zip(client, dataset_files(per_class=3))
     assert_error(client.get(f"{API}/{ds['id']}/thumbnails/9"), 404, "not_found")
     assert_error(client.get(f"{API}/{ds['id']}/thumbnails/-1"), 404, "not_found")

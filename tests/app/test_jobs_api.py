@@ -135,6 +135,7 @@ def test_imagenet_weights_not_on_the_server_is_422_weights_missing(
 
 def test_unknown_dataset_is_404(client: TestClient, settings: Settings) -> None:
     assert_error(client.post(API, json={"dataset_id": "nope", **TINY}), 404, "not_found")
+    assert_error(client.post(API, json={"dataset_id": "a\x00b", **TINY}), 404, "not_found")
     assert count_rows(settings, "jobs") == 0
 
 
@@ -160,6 +161,9 @@ def test_list_with_status_filter_and_get(client: TestClient, dataset: dict) -> N
     assert got["id"] == second["id"] and got["status"] == "queued"
     assert got["metrics"] == [] and got["model_id"] is None
     assert_error(client.get(f"{API}/nope"), 404, "not_found")
+    for path in ("", "/events", "/cancel", "/resume"):  # PostgreSQL refuses NUL in a query parameter
+        method = "GET" if path in ("", "/events") else "POST"
+        assert_error(client.request(method, f"{API}/a%00b{path}"), 404, "not_found")
 
 
 # -- cancel, resume, delete -----------------------------------------------------------------------------------

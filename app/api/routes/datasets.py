@@ -33,6 +33,11 @@ class DatasetOut(BaseModel):
     thumbnails: dict[str, list[str]] | None = None
 
 
+def clean_name(raw: str | None) -> str:
+    """A display name: control characters (NUL among them, which PostgreSQL refuses) become spaces."""
+    return "".join(c if c.isprintable() else " " for c in raw or "").strip()[:MAX_NAME]
+
+
 def to_out(dataset: Dataset, thumbnails: dict[str, list[int]] | None = None) -> DatasetOut:
     urls = None
     if thumbnails is not None:
@@ -88,7 +93,7 @@ async def create_dataset(
             request, temp, UploadLimits(settings.max_upload_bytes, settings.max_upload_files)
         )
         checked = await run_in_threadpool(svc.check_upload, received, temp, settings)
-        name = (received.name or "").strip()[:MAX_NAME] or f"dataset {datetime.now():%Y-%m-%d %H:%M}"
+        name = clean_name(received.name) or f"dataset {datetime.now():%Y-%m-%d %H:%M}"
         dataset = svc.store_dataset(session, storage, user, name, "zip" if received.archive else "files", checked)
         try:
             session.commit()
