@@ -259,7 +259,7 @@ def test_a_job_process_that_does_not_stop_is_terminated_after_the_grace_period(
 ) -> None:
     """Cancelled while its process is still starting (not yet looking at the cancel flag): the worker
     terminates it once cancel_grace_seconds have passed, and the job ends cancelled."""
-    settings.cancel_grace_seconds = 0.5
+    settings.cancel_grace_seconds = 0.1
     start_worker()
     job = create(client, dataset, epochs=LONG)
     wait_until(lambda: job_processes(job["id"]), 60, "the job process to start", interval=0.02)
