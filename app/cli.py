@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -69,6 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or settings.host
     port = args.port or settings.port
     print(f"finetune-service on http://{host}:{port}  (data: {settings.data_dir}, API docs: /docs)", flush=True)
+    # uvicorn re-raises SIGTERM once it has shut down: as SystemExit it unwinds to the `finally` that stops the
+    # worker (the default action would end this process there and then, and leave the worker running).
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     finally:

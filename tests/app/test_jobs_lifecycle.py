@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ from tests.app.conftest import (
     fresh_pg_database,
     job_processes,
     read_events,
+    settings_env,
     sqlite_only,
     upload_zip,
     wait_for_job,
@@ -269,6 +271,54 @@ def test_a_job_process_that_does_not_stop_is_terminated_after_the_grace_period(
     assert cancelled["metrics"] == [] and cancelled["error"] is None
     wait_gone(job["id"])
     assert "did not stop within" in (settings.data_dir.parent / "worker.log").read_text()
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@sqlite_only
+def test_stopping_serve_stops_its_worker(settings: Settings, tmp_path: Path) -> None:
+    """``serve`` runs a worker beside the API; a SIGTERM to serve (``kill``, a service manager) stops both."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(tmp_path / "serve.log", "wb") as log:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+            env=settings_env(settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+            start_new_session=True,
+        )
+        try:
+            (worker_pid,) = wait_until(lambda: children(serve.pid), 60, "serve to start its worker")
+            wait_until(lambda: b"worker" in (tmp_path / "serve.log").read_bytes(), 60, "the worker to start")
+            serve.terminate()
+            assert serve.wait(timeout=40) is not None
+            wait_until(lambda: not is_alive(worker_pid), 30, "the worker to stop with serve")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(serve.pid, signal.SIGKILL)
+            serve.wait()
 
 
 # -- recovery, without a worker (both databases) -----------------------------------------------------------
