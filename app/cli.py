@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from app.jobs.lifetime import PARENT_PID_ENV
 from app.settings import get_settings
 
 log = logging.getLogger("app.cli")
@@ -37,7 +38,8 @@ class WorkerSupervisor:
         backoff = 1.0
         while not self.stopping.is_set():
             started = time.monotonic()
-            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"])
+            env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+            self.proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env)
             code = self.proc.wait()
             if self.stopping.is_set():
                 return

@@ -8,9 +8,7 @@ process that touches CUDA; it dies with the worker that started it.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import signal
 import sys
 import time
@@ -22,6 +20,7 @@ from sqlalchemy import delete
 from app.db import session_scope
 from app.db.tables import Dataset, Job, JobMetric, Model
 from app.jobs import state
+from app.jobs.lifetime import die_with_parent
 from app.jobs.settings_env import settings_from_env
 from app.services.datasets import dataset_images_root
 from app.settings import Settings
@@ -229,18 +228,9 @@ def _fail(settings: Settings, job_id: str, attempt: int, message: str, code: str
         state.finish(s, job_id, attempt, "failed", error=message, error_code=code, message="failed")
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when the worker thread that started it goes away."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def main(argv: list[str]) -> int:
     job_id, attempt, parent_pid = argv[0], int(argv[1]), int(argv[2])
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)  # the job dies with its worker
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM from the worker (a cancel past its grace period) ends the run like a cancel would.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

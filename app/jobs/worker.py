@@ -20,6 +20,7 @@ import time
 from app.db import session_scope
 from app.db.tables import Job, utcnow
 from app.jobs import state
+from app.jobs.lifetime import PARENT_PID_ENV, die_with_parent
 from app.jobs.settings_env import settings_to_env
 from app.settings import Settings
 
@@ -151,6 +152,9 @@ def run_worker(settings: Settings) -> None:
     from app.jobs.recovery import recover_jobs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent:  # started by `serve`: stop (gracefully) when serve goes, even if it is killed with -9
+        die_with_parent(int(parent), signal.SIGTERM)
     upgrade(settings.db_url)
     jobs = JobQueue(settings)
     recover_jobs(settings, jobs, startup=True)

@@ -295,8 +295,10 @@ def is_alive(pid: int) -> bool:
 
 
 @sqlite_only
-def test_stopping_serve_stops_its_worker(settings: Settings, tmp_path: Path) -> None:
-    """``serve`` runs a worker beside the API; a SIGTERM to serve (``kill``, a service manager) stops both."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_stopping_serve_stops_its_worker(settings: Settings, tmp_path: Path, sig: signal.Signals) -> None:
+    """``serve`` runs a worker beside the API; stopping serve (``kill``, a service manager, even ``kill -9``)
+    stops both: the worker never outlives it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -312,7 +314,7 @@ def test_stopping_serve_stops_its_worker(settings: Settings, tmp_path: Path) -> 
         try:
             (worker_pid,) = wait_until(lambda: children(serve.pid), 60, "serve to start its worker")
             wait_until(lambda: b"worker" in (tmp_path / "serve.log").read_bytes(), 60, "the worker to start")
-            serve.terminate()
+            serve.send_signal(sig)
             assert serve.wait(timeout=40) is not None
             wait_until(lambda: not is_alive(worker_pid), 30, "the worker to stop with serve")
         finally:
