@@ -53,7 +53,9 @@ def safe_member_path(name: str, max_name_length: int = 255) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath()
 
 
-def extract_zip(archive: str | Path, dest: str | Path, limits: ArchiveLimits | None = None) -> Path:
+def extract_zip(
+    archive: str | Path, dest: str | Path, limits: ArchiveLimits | None = None, *, display_name: str | None = None
+) -> Path:
     """Extract the images and folders of ``archive`` into ``dest`` (which must not exist yet).
 
     The extraction happens in a temporary sibling folder that is renamed into place at the end, so
@@ -67,7 +69,7 @@ def extract_zip(archive: str | Path, dest: str | Path, limits: ArchiveLimits | N
     tmp = dest.with_name(f".{dest.name}.extract-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        _extract_into(archive, tmp, limits)
+        _extract_into(archive, tmp, limits, display_name or archive.name)
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,17 +77,17 @@ def extract_zip(archive: str | Path, dest: str | Path, limits: ArchiveLimits | N
     return dest
 
 
-def _extract_into(archive: Path, root: Path, limits: ArchiveLimits) -> None:
+def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
-        raise DatasetError(f"{archive.name} is not a valid zip file (corrupt or not a zip)") from None
+        raise DatasetError(f"{name} is not a valid zip file (corrupt or not a zip)") from None
     except FileNotFoundError:
         raise DatasetError(f"{archive} does not exist") from None
     with zf:
         infos = zf.infolist()
         if not infos:
-            raise DatasetError(f"{archive.name} is an empty zip file")
+            raise DatasetError(f"{name} is an empty zip file")
         if len(infos) > limits.max_entries:
             raise UnsafeArchiveError(f"archive has {len(infos)} entries, more than the limit of {limits.max_entries}")
         plan = [(info, _check_entry(info, limits)) for info in infos]
@@ -102,7 +104,7 @@ def _extract_into(archive: Path, root: Path, limits: ArchiveLimits) -> None:
             total += _copy_entry(zf, info, target, limits, already=total)
             files += 1
         if files == 0:
-            raise DatasetError(f"{archive.name} holds no files")
+            raise DatasetError(f"{name} holds no files")
 
 
 def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> PurePosixPath | None:

@@ -50,7 +50,7 @@ def check_upload(received: ReceivedUpload, temp: Path, settings: Settings) -> Ch
     images = temp / IMAGES_DIR
     if received.archive is not None:
         limits = ArchiveLimits(max_entries=settings.max_archive_entries, max_total_bytes=settings.max_extracted_bytes)
-        extract_zip(received.archive, images, limits)
+        extract_zip(received.archive, images, limits, display_name=received.archive_name)
         received.archive.unlink()
     else:
         images.mkdir()
@@ -110,7 +110,7 @@ def dataset_images_root(storage: Storage, dataset: Dataset) -> Path:
 
 
 def full_report(storage: Storage, dataset: Dataset) -> dict[str, Any]:
-    return json.loads((storage.path(dataset.storage_key) / REPORT_FILE).read_text())  # type: ignore[no-any-return]
+    return json.loads((storage.path(dataset.storage_key) / REPORT_FILE).read_text())
 
 
 def get_owned(session: Session, owner: User, dataset_id: str) -> Dataset:

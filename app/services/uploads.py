@@ -39,6 +39,7 @@ class UploadLimits:
 class ReceivedUpload:
     name: str | None = None
     archive: Path | None = None
+    archive_name: str = "the uploaded zip"  # for messages: the client's file name, never used as a path
     files: list[tuple[PurePosixPath, Path]] = field(default_factory=list)  # (relative path, where it is now)
 
 
@@ -199,7 +200,8 @@ async def _receive_multipart(request: Request, temp: Path, limits: UploadLimits,
 
 
 def _assemble(sink: _MultipartSink) -> ReceivedUpload:
-    name = (sink.text_fields.get("name") or [None])[0]
+    names = sink.text_fields.get("name")
+    name = names[0] if names else None
     archives = [p for p in sink.file_parts if p[0] == "archive"]
     files = [p for p in sink.file_parts if p[0] == "files"]
     unknown = sorted({p[0] for p in sink.file_parts} - {"archive", "files"})
@@ -210,7 +212,8 @@ def _assemble(sink: _MultipartSink) -> ReceivedUpload:
     if len(archives) > 1:
         raise ApiError(400, "bad_field", "send one 'archive' per dataset")
     if archives:
-        return ReceivedUpload(name=name, archive=archives[0][2])
+        filename = archives[0][1][-100:] or "the uploaded zip"
+        return ReceivedUpload(name=name, archive=archives[0][2], archive_name=filename)
     if not files:
         raise ApiError(400, "empty_upload", "no files in the upload: send an 'archive' zip or 'files'")
     paths = sink.text_fields.get("paths")

@@ -270,7 +270,7 @@ PATHS = list(SMALL)
 
 BAD_UPLOADS: dict[str, tuple[Callable[[], dict[str, Any]], int, str, str]] = {
     # name: (request kwargs, status, code, a word of the message)
-    "not a zip": (lambda: archive(b"this is not a zip file at all"), 422, "bad_dataset", "not a valid zip"),
+    "not a zip": (lambda: archive(b"this is not a zip file at all"), 422, "bad_dataset", "data.zip is not a valid zip"),
     "truncated zip": (lambda: archive(zip_bytes(SMALL)[:500]), 422, "bad_dataset", "not a valid zip"),
     "corrupt zip": (lambda: archive(corrupt_zip()), 422, "bad_dataset", "corrupt"),
     "empty zip": (lambda: archive(zip_bytes({})), 422, "bad_dataset", "empty"),
