@@ -14,11 +14,11 @@ from app.storage import Storage
 
 
 def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings  # type: ignore[no-any-return]
+    return request.app.state.settings
 
 
 def get_storage(request: Request) -> Storage:
-    return request.app.state.storage  # type: ignore[no-any-return]
+    return request.app.state.storage
 
 
 def get_session(request: Request) -> Iterator[Session]:

@@ -51,7 +51,7 @@ def fenced_update(session: Session, job_id: str, attempt: int, **values: Any) ->
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "running").values(**values)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined, no-any-return]
+    return result.rowcount == 1  # type: ignore[attr-defined]
 
 
 def finish(

@@ -41,26 +41,27 @@ def _hyperparameter_fields() -> dict[str, Any]:
 
 
 _FIELDS = TrainConfig.__dataclass_fields__
+# Literal types built from the engine's choices (runtime values, hence typed Any for mypy).
+_ARCHITECTURE: Any = Literal[_FIELDS["model"].metadata["choices"]]
+_WEIGHTS: Any = Literal[USER_WEIGHTS]
+_STRATEGY: Any = Literal[_FIELDS["strategy"].metadata["choices"]]
 
-JobCreate = create_model(  # type: ignore[call-overload]
-    "JobCreate",
-    __config__=ConfigDict(extra="forbid"),
-    dataset_id=(str, Field(description="the dataset to train on")),
-    model=(Literal[_FIELDS["model"].metadata["choices"]], Field("resnet18", description="architecture")),
-    weights=(
-        Literal[USER_WEIGHTS],
-        Field(
-            "imagenet",
-            description="imagenet (pretrained; the file must be cached "
-            "on the server, see GET /api/v1/weights) or none (random initialisation)",
-        ),
-    ),
-    strategy=(
-        Literal[_FIELDS["strategy"].metadata["choices"]],
-        Field("auto", description=_FIELDS["strategy"].metadata["help"]),
-    ),
-    **_hyperparameter_fields(),
+JobHyperparameters: type[BaseModel] = create_model(
+    "JobHyperparameters", __config__=ConfigDict(extra="forbid"), **_hyperparameter_fields()
 )
+
+
+class JobCreate(JobHyperparameters):
+    """A job request: the dataset, the architecture, the weights, the strategy and any hyperparameter."""
+
+    dataset_id: str = Field(description="the dataset to train on")
+    model: _ARCHITECTURE = Field("resnet18", description="architecture")
+    weights: _WEIGHTS = Field(
+        "imagenet",
+        description="imagenet (pretrained; the file must be cached on the server, see GET /api/v1/weights) "
+        "or none (random initialisation)",
+    )
+    strategy: _STRATEGY = Field("auto", description=_FIELDS["strategy"].metadata["help"])
 
 
 def validate_request(body: BaseModel, settings: Settings) -> TrainConfig:

@@ -118,10 +118,10 @@ def create_job(
     body: svc.JobCreate,
     request: Request,
     session: SessionDep,
-    settings: SettingsDep,  # type: ignore[valid-type]
+    settings: SettingsDep,
     user: CurrentUser,
 ) -> JobOut:
-    dataset = dataset_svc.get_owned(session, user, body.dataset_id)  # type: ignore[attr-defined]
+    dataset = dataset_svc.get_owned(session, user, body.dataset_id)
     config = svc.validate_request(body, settings)
     job = svc.create_job(session, user, dataset, config)
     session.commit()  # the row is the truth: it exists before the queue hears of it
