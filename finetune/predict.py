@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint
 from .errors import ConfigError
 from .images import DEFAULT_MAX_PIXELS, decode_for_size
 from .loader import Normalizer, center_crop_array
-from .models import Preprocessing, build_for_checkpoint
+from .models import Preprocessing, build_for_checkpoint, inference_model
 
 ImageInput = Image.Image | bytes | str | Path
 
@@ -47,7 +47,7 @@ class Predictor:
         self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         self.device = device
         self.channels_last = True
-        self.model = model.to(device).eval()
+        self.model = inference_model(model).to(device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.normalize = Normalizer(self.preprocessing, device, self.channels_last)

@@ -66,6 +66,7 @@ from .models import (
     build_model,
     forward_logits,
     head_module,
+    inference_model,
     main_head_name,
     parameter_groups,
     preprocessing_for,
@@ -758,12 +759,13 @@ class _Run:
     def final_evaluation(self) -> dict[str, Any]:
         best = load_checkpoint(self.run_dir, "best")
         self.model.load_state_dict(best.state_dict())
+        model = inference_model(self.model)  # exactly what the predictor will run
         evaluation: dict[str, Any] = {"checkpoint": best.path.name, "epoch": best.epoch}
         for name, images in (("val", self.val_images), ("test", self.test_images)):
             if len(images) == 0:
                 continue
             logits, labels = predict_logits(
-                self.model,
+                model,
                 images,
                 self.prep,
                 self.device,
