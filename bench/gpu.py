@@ -66,7 +66,7 @@ def ours(
 ) -> dict[str, Any]:
     from finetune.dataset import Sample
     from finetune.images import decode_for_size
-    from finetune.loader import CachedImages, TrainAugment, batches, prefetch
+    from finetune.loader import CachedImages, TrainAugment, batches
     from finetune.models import build_model, forward_logits
     from finetune.pixelcache import PixelCache
 
@@ -90,9 +90,7 @@ def ours(
     augment = TrainAugment(prep, device, channels_last=True)
     gen = torch.Generator().manual_seed(0)
 
-    def step(batch_: Any) -> None:
-        x = augment(batch_, gen)
-        y = batch_.labels.to(device, non_blocking=True)
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits, aux = forward_logits(step_model, x)  # type: ignore[arg-type]
             loss = F.cross_entropy(logits, y) + 0.3 * sum(
@@ -106,8 +104,8 @@ def ours(
     n = 0
     start = None
     while True:
-        for b in prefetch(images.padded(idx) for idx in batches(len(images), batch, generator=gen, drop_last=True)):
-            step(b)
+        for x, y in augment.batches(images, batches(len(images), batch, generator=gen, drop_last=True), gen):
+            step(x, y)
             if warm < 15:  # compile, cudnn autotune, allocator warm-up
                 warm += 1
                 if warm == 15:

@@ -22,7 +22,7 @@ from bench.reference import tutorial_transforms
 def ours_epoch(data_dir: Path, crop: int, cache_root: Path, batch_size: int = 32) -> tuple[float, float]:
     """(first epoch images/s including the one-time decode into the cache, later epoch images/s)."""
     from finetune.dataset import load_dataset
-    from finetune.loader import CachedImages, TrainAugment, batches, prefetch
+    from finetune.loader import CachedImages, TrainAugment, batches
     from finetune.models import preprocessing_for
     from finetune.pixelcache import PixelCache
 
@@ -36,8 +36,7 @@ def ours_epoch(data_dir: Path, crop: int, cache_root: Path, batch_size: int = 32
     def one_epoch(seed: int) -> int:
         gen = torch.Generator().manual_seed(seed)
         n = 0
-        for batch in prefetch(images.padded(idx) for idx in batches(len(images), batch_size, generator=gen)):
-            x = augment(batch, gen)
+        for x, _ in augment.batches(images, batches(len(images), batch_size, generator=gen), gen):
             n += x.shape[0]
         return n
 

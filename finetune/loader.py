@@ -8,10 +8,14 @@ ahead); random resized crop, flip, the uint8->float conversion and normalisation
 from __future__ import annotations
 
 import math
+import os
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -21,12 +25,18 @@ from .dataset import Sample
 from .models import Preprocessing
 from .pixelcache import PixelCache
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @dataclass
 class Batch:
     pixels: torch.Tensor  # uint8 (B, H, W, 3), padded to the largest image in the batch for training
     sizes: torch.Tensor  # int (B, 2): each image's real (height, width) inside the padding
     labels: torch.Tensor  # int64 (B,)
+
+
+MAX_OPEN_MAPPINGS = 16384
 
 
 class CachedImages:
@@ -36,13 +46,34 @@ class CachedImages:
         self.cache = cache
         self.samples = list(samples)
         self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.int64)
+        self._sizes: torch.Tensor | None = None
+        # Mappings stay open between epochs (opening one costs more than cropping it); bounded well below
+        # the kernel's default limit of 65530 mappings per process.
+        self._mapped: dict[str, np.ndarray] = {}
+
+    def pixels(self, i: int) -> np.ndarray:
+        """The cached (height, width, 3) uint8 pixels of the i-th image (memory-mapped, read-only)."""
+        sha = self.samples[i].sha256
+        arr = self._mapped.get(sha)
+        if arr is None:
+            arr = self.cache.load(sha)
+            if len(self._mapped) < MAX_OPEN_MAPPINGS:
+                self._mapped[sha] = arr
+        return arr
+
+    def sizes(self) -> torch.Tensor:
+        """(N, 2) stored (height, width) of every image, read once from the cache headers."""
+        if self._sizes is None:
+            shapes = [self.cache.stored_shape(s.sha256) for s in self.samples]
+            self._sizes = torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
+        return self._sizes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def padded(self, indices: Sequence[int]) -> Batch:
         """Whole cached images, zero-padded to a common size (for training-time random crops)."""
-        arrays = [self.cache.load(self.samples[i].sha256) for i in indices]
+        arrays = [self.pixels(i) for i in indices]
         h = max(a.shape[0] for a in arrays)
         w = max(a.shape[1] for a in arrays)
         out = np.zeros((len(arrays), h, w, 3), dtype=np.uint8)
@@ -56,7 +87,7 @@ class CachedImages:
         """The evaluation view: a centred ``crop`` x ``crop`` square of each cached image."""
         out = np.empty((len(indices), crop, crop, 3), dtype=np.uint8)
         for j, i in enumerate(indices):
-            out[j] = center_crop_array(self.cache.load(self.samples[i].sha256), crop)
+            out[j] = center_crop_array(self.pixels(i), crop)
         sizes = torch.full((len(indices), 2), crop, dtype=torch.int64)
         return Batch(torch.from_numpy(out), sizes, self.labels[list(indices)])
 
@@ -82,6 +113,22 @@ def batches(
     if drop_last and len(out) > 1 and len(out[-1]) < batch_size:
         out.pop()
     return out
+
+
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T], *, ahead: int) -> Iterator[R]:
+    """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory) and yields in order."""
+    pending: deque[Future[R]] = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        result = pending.popleft().result()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.submit(fn, nxt))
+        yield result
 
 
 def prefetch(make: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
@@ -151,47 +198,51 @@ def sample_crops(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     attempts: int = 10,
 ) -> torch.Tensor:
-    """torchvision's RandomResizedCrop parameters, drawn for a whole batch at once.
+    """torchvision's RandomResizedCrop parameters, drawn for a whole batch at once (no Python loop).
 
-    Returns float (B, 4) boxes (top, left, height, width) in pixels. Like torchvision: up to ``attempts``
-    tries per image for a box that fits, else a centre crop at the clamped aspect ratio.
+    Returns int64 (B, 4) boxes (top, left, height, width) in pixels. Like torchvision: up to ``attempts``
+    tries per image for a box that fits, else the whole image at the nearest allowed aspect ratio, centred.
     """
     b = sizes.shape[0]
-    h = sizes[:, 0].double().unsqueeze(1)
-    w = sizes[:, 1].double().unsqueeze(1)
-    area = h * w
-    target = area * torch.empty(b, attempts, dtype=torch.float64).uniform_(scale[0], scale[1], generator=generator)
+    h = sizes[:, 0].double()
+    w = sizes[:, 1].double()
+    target = (h * w).unsqueeze(1) * torch.empty(b, attempts, dtype=torch.float64).uniform_(*scale, generator=generator)
     log_r = torch.empty(b, attempts, dtype=torch.float64).uniform_(
         math.log(ratio[0]), math.log(ratio[1]), generator=generator
     )
     aspect = torch.exp(log_r)
     cw = torch.round(torch.sqrt(target * aspect))
     ch = torch.round(torch.sqrt(target / aspect))
-    fits = (cw > 0) & (ch > 0) & (cw <= w) & (ch <= h)
-    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((b,), -1))
+    fits = (cw > 0) & (ch > 0) & (cw <= w.unsqueeze(1)) & (ch <= h.unsqueeze(1))
+    found = fits.any(1)
+    k = fits.to(torch.int8).argmax(1)  # first attempt that fits
     u = torch.rand(b, 2, dtype=torch.float64, generator=generator)
-    boxes = torch.empty(b, 4, dtype=torch.float64)
-    for i in range(b):
-        hi, wi = float(h[i, 0]), float(w[i, 0])
-        k = int(first[i])
-        if k >= 0:
-            bh, bw = float(ch[i, k]), float(cw[i, k])
-        else:  # fallback: whole image at the nearest allowed aspect ratio, centred
-            r = wi / hi
-            if r < ratio[0]:
-                bw, bh = wi, round(wi / ratio[0])
-            elif r > ratio[1]:
-                bh, bw = hi, round(hi * ratio[1])
-            else:
-                bw, bh = wi, hi
-        top = math.floor(u[i, 0] * (hi - bh + 1)) if k >= 0 else (hi - bh) // 2
-        left = math.floor(u[i, 1] * (wi - bw + 1)) if k >= 0 else (wi - bw) // 2
-        boxes[i] = torch.tensor([top, left, bh, bw], dtype=torch.float64)
-    return boxes
+    bh = ch.gather(1, k.unsqueeze(1)).squeeze(1)
+    bw = cw.gather(1, k.unsqueeze(1)).squeeze(1)
+    top = torch.floor(u[:, 0] * (h - bh + 1))
+    left = torch.floor(u[:, 1] * (w - bw + 1))
+    # Fallback: the whole image, cut to the nearest allowed aspect ratio, centred.
+    r = w / h
+    fb_w = torch.where(r > ratio[1], torch.round(h * ratio[1]), w)
+    fb_h = torch.where(r < ratio[0], torch.round(w / ratio[0]), h)
+    bh = torch.where(found, bh, fb_h)
+    bw = torch.where(found, bw, fb_w)
+    top = torch.where(found, top, torch.div(h - fb_h, 2, rounding_mode="floor"))
+    left = torch.where(found, left, torch.div(w - fb_w, 2, rounding_mode="floor"))
+    return torch.stack([top, left, bh, bw], 1).long()
 
 
 class TrainAugment:
-    """Random resized crop + horizontal flip + normalise, for a padded uint8 batch, in one ``grid_sample``."""
+    """Random resized crop + horizontal flip + normalise, as tensor operations, one batch ahead.
+
+    ``batches()`` yields normalised training batches on the device. Two paths, one result:
+
+    - CUDA: the whole cached images go to the GPU as one padded uint8 batch and a single ``grid_sample``
+      does every crop, resize and flip at once (one kernel instead of one per image).
+    - CPU: only the crop boxes are cut from the memory-mapped cache (never whole images), each resized in
+      uint8 with antialiasing (torch's vectorised kernel), then the small batch is converted and normalised;
+      all of it in the prefetch thread, so it overlaps the training step.
+    """
 
     def __init__(
         self,
@@ -207,11 +258,56 @@ class TrainAugment:
         self.scale = scale
         self.hflip = hflip
         self.normalize = Normalizer(prep, device, channels_last)
+        # Crop threads: torch's resize and copies release the GIL, so they run beside the training step.
+        self.workers = max(1, min(4, os.cpu_count() or 1))
+
+    def batches(
+        self, images: CachedImages, order: Sequence[Sequence[int]], generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised images on the device, labels on the device) for each index list in ``order``."""
+        if self.device.type == "cuda":
+            for batch in prefetch(images.padded(idx) for idx in order):
+                yield self(batch, generator), batch.labels.to(self.device, non_blocking=True)
+            return
+        # Every random draw happens here, in order, before any work is handed to threads: the batches
+        # are the same whatever the threads' timing (a resumed run must see the same crops).
+        sizes = images.sizes()
+        plans = [
+            (
+                idx,
+                sample_crops(sizes[list(idx)], generator, self.scale).tolist(),
+                self._flips(len(idx), generator).tolist(),
+            )
+            for idx in order
+        ]
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="augment") as pool:
+            yield from ordered_map(pool, lambda plan: self._cpu_batch(images, *plan), plans, ahead=2 * self.workers)
+
+    def _flips(self, b: int, generator: torch.Generator) -> torch.Tensor:
+        return (torch.rand(b, generator=generator) < 0.5) if self.hflip else torch.zeros(b, dtype=torch.bool)
+
+    def _cpu_batch(
+        self, images: CachedImages, idx: Sequence[int], boxes: list[list[int]], flips: list[bool]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        out = torch.empty(len(idx), 3, self.out, self.out, dtype=torch.uint8).contiguous(
+            memory_format=torch.channels_last
+        )
+        for j, (i, (top, left, bh, bw), flip) in enumerate(zip(idx, boxes, flips, strict=True)):
+            a = images.pixels(i)
+            crop = torch.from_numpy(a[top : top + bh, left : left + bw].copy()).permute(
+                2, 0, 1
+            )  # copy: the map is read-only
+            resized = F.interpolate(
+                crop.unsqueeze(0), size=(self.out, self.out), mode="bilinear", antialias=True, align_corners=False
+            )
+            out[j] = resized[0].flip(-1) if flip else resized[0]
+        return self.normalize.normalize(out.float()), images.labels[list(idx)]
 
     def __call__(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """The CUDA path for one padded batch: one ``grid_sample`` for every crop, resize and flip."""
         b, hmax, wmax, _ = batch.pixels.shape
-        boxes = sample_crops(batch.sizes, generator, self.scale)
-        flips = (torch.rand(b, generator=generator) < 0.5) if self.hflip else torch.zeros(b, dtype=torch.bool)
+        boxes = sample_crops(batch.sizes, generator, self.scale).double()
+        flips = self._flips(b, generator)
         top, left, bh, bw = boxes.unbind(1)
         # Affine map from output coordinates in [-1, 1] to the crop box inside the padded canvas
         # (align_corners=False: pixel centres at (i + 0.5) / size).

@@ -58,7 +58,7 @@ from .events import (
     RunStarted,
     StageStarted,
 )
-from .loader import CachedImages, TrainAugment, batches, prefetch
+from .loader import CachedImages, TrainAugment, batches
 from .models import (
     AUX_LOSS_WEIGHT,
     Backbone,
@@ -576,10 +576,8 @@ class _Run:
             gen = torch.Generator().manual_seed(_seed_for(c.seed, "finetune", epoch))
             order = batches(len(self.train_images), c.batch_size, generator=gen, drop_last=True)
             loss_sum = correct = seen = 0.0
-            for b, batch in enumerate(prefetch(self.train_images.padded(idx) for idx in order), 1):
+            for b, (x, y) in enumerate(augment.batches(self.train_images, order, gen), 1):
                 self.check_stop()
-                x = augment(batch, gen)
-                y = batch.labels.to(self.device, non_blocking=True)
                 loss, n_correct = self.train_step(step_model, optimizer, scaler, x, y, epoch)
                 scheduler.step()
                 loss_sum += loss * len(y)
