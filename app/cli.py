@@ -17,7 +17,7 @@ import threading
 import time
 
 from app.jobs.lifetime import PARENT_PID_ENV
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 
 log = logging.getLogger("app.cli")
 
@@ -66,11 +66,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    announce_first_login(settings, host, port)
     supervisor = WorkerSupervisor() if not args.no_worker else None
     if supervisor:
         supervisor.start()
-    host = args.host or settings.host
-    port = args.port or settings.port
     print(f"finetune-service on http://{host}:{port}  (data: {settings.data_dir}, API docs: /docs)", flush=True)
     # uvicorn re-raises SIGTERM once it has shut down: as SystemExit it unwinds to the `finally` that stops the
     # worker (the default action would end this process there and then, and leave the worker running).
@@ -80,6 +81,74 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         if supervisor:
             supervisor.stop()
+    return 0
+
+
+def announce_first_login(settings: Settings, host: str, port: int) -> None:
+    """First start (nobody can log in yet): create the admin's key and a one-time login link and print
+    them once, as Jupyter prints its token."""
+    from app.db import session_scope
+    from app.services import auth
+
+    with session_scope(settings.db_url) as session:
+        first = auth.bootstrap_admin(session)
+    if first is None:
+        return
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    bar = "=" * 78
+    print(
+        f"\n{bar}\n  First start: created the admin user {first.user.name!r}.\n"
+        f"  Log in to the pages with this one-time link (valid for 24 hours):\n\n"
+        f"      http://{shown}:{port}/login?token={first.login_token}\n\n"
+        f"  API key for REST clients (shown only now; send it as `Authorization: Bearer <key>`):\n\n"
+        f"      {first.key}\n\n"
+        f"  More users and keys: python -m app.cli users --help\n{bar}\n",
+        flush=True,
+    )
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    """Admin commands for users and their API keys (exit code 2 for a request that cannot be done)."""
+    from sqlalchemy import select
+
+    from app.db import session_scope
+    from app.db.migrate import upgrade
+    from app.db.tables import ApiKey, User
+    from app.services import auth
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.db_url)
+    try:
+        with session_scope(settings.db_url) as s:
+            if args.action == "list":
+                for user in s.scalars(select(User).order_by(User.created_at)):
+                    keys = s.scalars(select(ApiKey).where(ApiKey.user_id == user.id, ApiKey.revoked_at.is_(None)))
+                    shown = ", ".join(f"{k.prefix}... ({k.label})" for k in keys) or "no active key"
+                    print(f"{user.name:<24} {'admin' if user.is_admin else 'user ':<6} {shown}")
+            elif args.action == "create":
+                user = auth.create_user(s, args.name, admin=args.admin)
+                issued = auth.issue_key(s, user, args.label)
+                print(f"created {'admin' if user.is_admin else 'user'} {user.name!r}; API key (shown only now):")
+                print(issued.key)
+            elif args.action == "key":
+                issued = auth.issue_key(s, auth.get_user(s, args.name), args.label)
+                print(issued.key)
+            elif args.action == "revoke":
+                count = auth.revoke_key(s, args.name)
+                if count == 0:
+                    raise auth.UserError(f"no active key starts with {args.name!r}")
+                print(f"revoked {count} key(s)")
+            elif args.action == "login-link":
+                token = auth.issue_login_token(s, auth.get_user(s, args.name))
+                print(f"http://{settings.host}:{settings.port}/login?token={token}")
+            elif args.action == "delete":
+                user = auth.get_user(s, args.name)
+                s.delete(user)  # their datasets, jobs and models go with them (ON DELETE CASCADE)
+                print(f"deleted user {args.name!r}")
+    except auth.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -115,11 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("migrate", help="apply (or with --down, revert) database migrations")
     m.add_argument("--revision")
     m.add_argument("--down", action="store_true")
+    u = sub.add_parser("users", help="manage users and their API keys")
+    u.add_argument("action", choices=("list", "create", "key", "revoke", "login-link", "delete"))
+    u.add_argument("name", nargs="?", default="", help="user name (revoke: the key's prefix as `list` shows it)")
+    u.add_argument("--admin", action="store_true", help="create: the user sees and manages everything")
+    u.add_argument("--label", default="cli", help="a label for the new key")
     args = parser.parse_args(argv)
+    if args.command == "users" and args.action != "list" and not args.name:
+        parser.error(f"users {args.action} needs a NAME")
     logging.basicConfig(
         level=os.environ.get("FINETUNE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return {"serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate}[args.command](args)
+    commands = {"serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate, "users": cmd_users}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

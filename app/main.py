@@ -14,7 +14,6 @@ from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
 from app.observability import Metrics, MetricsMiddleware
 from app.pages import routes as pages
-from app.services.users import ensure_local_user
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
 from app.storage import Storage
@@ -30,8 +29,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         app.state.storage.clean_temp()
-        with app.state.sessions.begin() as session:
-            app.state.local_user_id = ensure_local_user(session).id
         yield
         await app.state.model_cache.close()
         app.state.queue.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -9,6 +10,8 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.db.tables import User
+from app.errors import ApiError
+from app.services import auth
 from app.settings import Settings
 from app.storage import Storage
 
@@ -35,10 +38,66 @@ def get_session(request: Request) -> Iterator[Session]:
         session.close()
 
 
+SESSION_COOKIE = "ft_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def authenticate(request: Request, session: Session) -> User | None:
+    """The user behind the request, from ``Authorization: Bearer <api key>`` or the session cookie.
+
+    A cookie-authenticated request that changes state must carry the session's CSRF token (header
+    ``X-CSRF-Token``): a cookie alone proves nothing about
+    which page sent the request. Bearer keys are not sent by browsers on their own, so need no token.
+    """
+    header = request.headers.get("authorization", "")
+    if header:
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(
+                401, "unauthorized", "use `Authorization: Bearer <api key>`", headers={"WWW-Authenticate": "Bearer"}
+            )
+        found = auth.user_for_key(session, key.strip())
+        if found is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "the API key is not valid (unknown or revoked)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        request.state.user_id = found[0].id
+        return found[0]
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        found_session = auth.session_for_cookie(session, cookie)
+        if found_session is not None:
+            user, web = found_session
+            if request.method not in SAFE_METHODS:
+                sent = request.headers.get(CSRF_HEADER, "")
+                if not hmac.compare_digest(sent, web.csrf_token):
+                    raise ApiError(403, "csrf", "missing or wrong CSRF token: reload the page and try again")
+            request.state.user_id = user.id
+            request.state.csrf_token = web.csrf_token
+            return user
+    return None
+
+
 def get_current_user(request: Request, session: Annotated[Session, Depends(get_session)]) -> User:
-    """The local user (one user until access control arrives)."""
-    user = session.get(User, request.app.state.local_user_id)
-    assert user is not None, "the local user is created at startup"
+    """The authenticated user, or 401."""
+    user = authenticate(request, session)
+    if user is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "authentication required: send `Authorization: Bearer <api key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return user
+
+
+def get_admin(user: Annotated[User, Depends(get_current_user)]) -> User:
+    if not user.is_admin:
+        raise ApiError(403, "forbidden", "this needs an admin")
     return user
 
 
@@ -46,3 +105,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CurrentUser = Annotated[User, Depends(get_current_user)]
+AdminUser = Annotated[User, Depends(get_admin)]

@@ -14,18 +14,21 @@ import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import jinja2
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import select
 
-from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
+from app.api.deps import SessionDep, SettingsDep, StorageDep
 from app.api.routes.jobs import job_out  # the job page seeds its charts with exactly the API's JSON
 from app.db.tables import FINISHED_STATUSES, Dataset, Job
 from app.errors import ApiError, error_body
+from app.pages.login import LoginRequired, PageUser
+from app.pages.login import router as login_router
 from app.services import datasets as dataset_svc
 from app.services import jobs as job_svc
 from app.services import models as model_svc
@@ -200,7 +203,7 @@ def _headline(evaluation: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
 
 # -- pages ----------------------------------------------------------------------------------------------
 @router.get("/", response_class=HTMLResponse)
-def home(request: Request, session: SessionDep, user: CurrentUser) -> HTMLResponse:
+def home(request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
     datasets = dataset_svc.list_owned(session, user)
     jobs = job_svc.list_owned(session, user)
     models = model_svc.list_owned(session, user)
@@ -219,7 +222,7 @@ def home(request: Request, session: SessionDep, user: CurrentUser) -> HTMLRespon
 
 
 @router.get("/datasets/new", response_class=HTMLResponse)
-def new_dataset(request: Request, settings: SettingsDep) -> HTMLResponse:
+def new_dataset(request: Request, settings: SettingsDep, user: PageUser) -> HTMLResponse:
     return render(
         request,
         "dataset_new.html",
@@ -233,7 +236,7 @@ def new_dataset(request: Request, settings: SettingsDep) -> HTMLResponse:
 
 @router.get("/datasets/{dataset_id}", response_class=HTMLResponse)
 def dataset_page(
-    dataset_id: str, request: Request, session: SessionDep, storage: StorageDep, user: CurrentUser
+    dataset_id: str, request: Request, session: SessionDep, storage: StorageDep, user: PageUser
 ) -> HTMLResponse:
     try:
         dataset = dataset_svc.get_owned(session, user, dataset_id)
@@ -280,7 +283,7 @@ def new_job(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    user: CurrentUser,
+    user: PageUser,
     dataset: str | None = Query(None, description="the dataset to preselect"),
 ) -> HTMLResponse:
     datasets = dataset_svc.list_owned(session, user)
@@ -328,7 +331,7 @@ def new_job(
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
-def job_page(job_id: str, request: Request, session: SessionDep, user: CurrentUser) -> HTMLResponse:
+def job_page(job_id: str, request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
     try:
         job = job_svc.get_owned(session, user, job_id)
     except ApiError:
@@ -365,7 +368,7 @@ def model_page(
     model_id: str,
     request: Request,
     session: SessionDep,
-    user: CurrentUser,
+    user: PageUser,
     split: str | None = Query(None, pattern="^(val|test)$", description="the split whose details are shown"),
 ) -> HTMLResponse:
     try:
@@ -412,5 +415,11 @@ def chart_library(settings: SettingsDep) -> Response:
 
 def install(app: FastAPI) -> None:
     """Add the pages and the static files (call after the API routes: the pages' paths are all fixed)."""
+
+    @app.exception_handler(LoginRequired)
+    async def _to_login(_: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse(f"/login?next={quote(exc.next_url, safe='')}", status_code=303)
+
+    app.include_router(login_router)
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

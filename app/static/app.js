@@ -13,9 +13,16 @@ window.FT = (() => {
     }
   }
 
+  /** The session's CSRF token (from the page): every state-changing request made with the cookie sends it. */
+  function csrfToken() {
+    const meta = document.querySelector('meta[name="csrf-token"]');
+    return meta ? meta.getAttribute("content") : "";
+  }
+
   /** fetch() a JSON API; resolves with the parsed body, rejects with ApiError (the API's own message). */
   async function api(method, url, body) {
-    const init = { method, headers: { Accept: "application/json" } };
+    const init = { method, headers: { Accept: "application/json" }, credentials: "same-origin" };
+    if (method !== "GET" && method !== "HEAD") init.headers["X-CSRF-Token"] = csrfToken();
     if (body instanceof FormData) {
       init.body = body;
     } else if (body !== undefined) {

@@ -13,6 +13,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,8 +22,10 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from sqlalchemy import create_engine, text
 
+from app.db import session_scope
 from app.db.migrate import upgrade
 from app.main import create_app
+from app.services import auth
 from app.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("FINETUNE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -93,10 +96,48 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
     )
 
 
+@dataclass(frozen=True)
+class Account:
+    user_id: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+def make_account(settings: Settings, name: str | None = None, *, admin: bool = False) -> Account:
+    """A user with an API key, straight in the database (what `app.cli users create` does)."""
+    with session_scope(settings.db_url) as s:
+        user = auth.create_user(s, name or f"user-{uuid.uuid4().hex[:8]}", admin=admin)
+        key = auth.issue_key(s, user, "tests").key
+        return Account(user.id, key)
+
+
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings)) as c:
+def admin(settings: Settings) -> Account:
+    """The first user: an admin, as the serve command creates at first start."""
+    return make_account(settings, "admin", admin=True)
+
+
+def authed_client(app: Any, account: Account) -> TestClient:
+    return TestClient(app, headers=account.headers)
+
+
+@pytest.fixture
+def client(settings: Settings, admin: Account) -> Iterator[TestClient]:
+    """A client authenticated with the admin's API key."""
+    with authed_client(create_app(settings), admin) as c:
         yield c
+
+
+def user_id_of(client: TestClient) -> str:
+    """The id of the user whose key ``client`` sends."""
+    key = client.headers["authorization"].split(" ", 1)[1]
+    with session_scope(client.app.state.settings.db_url) as s:  # type: ignore[attr-defined]
+        found = auth.user_for_key(s, key)
+        assert found is not None
+        return found[0].id
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -45,8 +45,9 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[str]:
-    """``app.cli serve`` on a free port with its own SQLite settings; yields the base URL."""
+def service(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """``app.cli serve`` on a free port with its own SQLite settings; yields the base URL and the one-time
+    login link it prints at first start."""
     settings = Settings(
         data_dir=tmp_path / "data",
         database_url=f"sqlite:///{tmp_path / 'service.db'}",
@@ -74,7 +75,7 @@ def service(tmp_path: Path) -> Iterator[str]:
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(base + "/", timeout=2) as r:
+                with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -83,7 +84,10 @@ def service(tmp_path: Path) -> Iterator[str]:
                 log.flush()
                 pytest.fail(f"the service did not start:\n{(tmp_path / 'service.log').read_text()[-3000:]}")
             time.sleep(0.2)
-        yield base
+        log.flush()
+        match = re.search(r"http://\S+/login\?token=\S+", (tmp_path / "service.log").read_text())
+        assert match, "serve did not print a first-start login link"
+        yield base, match.group(0)
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -97,8 +101,10 @@ def service(tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's Chromium is not installed (make browser-deps)")
 @pytest.mark.timeout(150)
-def test_upload_train_watch_and_predict_in_the_browser(service: str, tmp_path: Path) -> None:
+def test_upload_train_watch_and_predict_in_the_browser(service: tuple[str, str], tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    base, login_link = service
 
     # A folder of class folders, as a user would pick it.
     folder = tmp_path / "shapes"
@@ -129,13 +135,16 @@ def test_upload_train_watch_and_predict_in_the_browser(service: str, tmp_path: P
             )
             page.on(
                 "request",
-                lambda r: (
-                    None if r.url.startswith((service, "data:", "blob:")) else problems.append(f"request {r.url}")
-                ),
+                lambda r: None if r.url.startswith((base, "data:", "blob:")) else problems.append(f"request {r.url}"),
             )
 
+            # 0. Pages need a login: the first-start link logs the admin in once, then it is spent.
+            page.goto(base + "/datasets/new")
+            page.wait_for_url(re.compile(r"/login\?next="))
+            page.goto(login_link.replace("/login?", "/login?next=%2Fdatasets%2Fnew&"))
+            page.wait_for_url(re.compile(r"/datasets/new$"))
+
             # 1. Upload the folder through the form; the report opens with thumbnails per class.
-            page.goto(service + "/datasets/new")
             page.set_input_files("#folder", str(folder))
             expect(page.locator("#folder-summary")).to_contain_text("48 files")
             expect(page.locator("#class-preview li")).to_have_count(3)
@@ -162,7 +171,7 @@ def test_upload_train_watch_and_predict_in_the_browser(service: str, tmp_path: P
             page.click("#job-submit")
             expect(page.locator('[data-error-for="epochs"]')).to_contain_text("greater than or equal to 1")
             expect(page.locator("#job-error")).to_be_visible()
-            assert failed == [f"POST 422 {service}/api/v1/jobs"]
+            assert failed == [f"POST 422 {base}/api/v1/jobs"]
             failed.clear()
             page.fill("#hp-epochs", str(EPOCHS))
             page.fill("#hp-batch_size", "16")

@@ -14,7 +14,7 @@ from app.main import create_app
 from app.settings import Settings
 from finetune import weights as engine_weights
 from finetune.models import ARCHITECTURES
-from tests.app.conftest import COLOURS, make_image
+from tests.app.conftest import COLOURS, make_image, user_id_of
 from tests.app.test_models_api import TrainedRun, add_model, train_once
 
 
@@ -65,7 +65,7 @@ def test_metrics(client: TestClient, trained_run: TrainedRun) -> None:
     with app.state.sessions.begin() as s:
         s.add(
             Job(
-                owner_id=app.state.local_user_id,
+                owner_id=user_id_of(client),
                 status="running",
                 config={},
                 arch="lenet",

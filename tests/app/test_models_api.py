@@ -21,7 +21,7 @@ from app.db.tables import Job, Model, User, new_id
 from finetune.checkpoint import META_FILE, MODEL_FILE
 from finetune.config import TrainConfig
 from finetune.predict import Predictor
-from tests.app.conftest import COLOURS, dataset_files, make_image
+from tests.app.conftest import COLOURS, dataset_files, make_image, user_id_of
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ def add_model(
     """Copy the trained run into the app's storage and insert its rows as a finished job would."""
     app: Any = target.app if isinstance(target, TestClient) else target
     storage = app.state.storage
-    owner = owner_id or app.state.local_user_id
+    assert owner_id or isinstance(target, TestClient), "pass owner_id with an app"
+    owner = owner_id or user_id_of(target)  # type: ignore[arg-type]
     job_id = new_id()
     key = storage.run_key(job_id)
     shutil.copytree(run.path, storage.path(key), symlinks=True)
@@ -120,7 +121,7 @@ def other_user(client: TestClient) -> str:
     """Make the local user an ordinary user and add another one; returns the other user's id."""
     app: Any = client.app
     with app.state.sessions.begin() as s:
-        s.execute(update(User).where(User.id == app.state.local_user_id).values(is_admin=False))
+        s.execute(update(User).where(User.id == user_id_of(client)).values(is_admin=False))
         user = User(name=f"other-{new_id()[:8]}", is_admin=False)
         s.add(user)
         s.flush()

@@ -14,7 +14,7 @@ from app.db.tables import Job, JobMetric, Model, utcnow
 from app.pages.routes import CHART_JS, CHART_JS_URL, STATIC_DIR
 from app.settings import Settings
 from finetune import weights as engine_weights
-from tests.app.conftest import dataset_files, upload_zip
+from tests.app.conftest import dataset_files, upload_zip, user_id_of
 
 XSS_NAME = "<script>alert('name')</script>"
 XSS_CLASS = "<img src=x onerror=alert(1)>"
@@ -42,7 +42,7 @@ def add_model(client: TestClient, job_id: str | None, classes: list[str]) -> str
 
     with client.app.state.sessions.begin() as s:  # type: ignore[attr-defined]
         model = Model(
-            owner_id=client.app.state.local_user_id,
+            owner_id=user_id_of(client),
             job_id=job_id,
             name=f"{XSS_NAME} model",  # type: ignore[attr-defined]
             arch="lenet",

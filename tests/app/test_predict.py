@@ -17,7 +17,7 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings
-from tests.app.conftest import COLOURS, make_image
+from tests.app.conftest import COLOURS, Account, authed_client, make_image
 from tests.app.test_models_api import TrainedRun, add_model, run_dir, train_once
 
 
@@ -182,8 +182,8 @@ def small_limits(settings: Settings) -> Settings:
     return settings
 
 
-def test_limits(small_limits: Settings, trained_run: TrainedRun) -> None:
-    with TestClient(create_app(small_limits)) as client:
+def test_limits(small_limits: Settings, trained_run: TrainedRun, admin: Account) -> None:
+    with authed_client(create_app(small_limits), admin) as client:
         model_id = add_model(client, trained_run)
         small = image(seed=1)
         assert len(small) < 1000
@@ -209,6 +209,7 @@ def test_limits(small_limits: Settings, trained_run: TrainedRun) -> None:
 def test_concurrent_requests_are_batched_and_the_model_loads_once(
     settings: Settings,
     trained_run: TrainedRun,
+    admin: Account,
 ) -> None:
     settings.predict_max_wait_ms = 150  # wide enough that every request below joins a batch on a slow machine
     app = create_app(settings)
@@ -216,9 +217,9 @@ def test_concurrent_requests_are_batched_and_the_model_loads_once(
 
     async def scenario() -> tuple[list[httpx2.Response], list[httpx2.Response]]:
         async with app.router.lifespan_context(app):
-            model_id = add_model(app, trained_run)
+            model_id = add_model(app, trained_run, owner_id=admin.user_id)
             transport = httpx2.ASGITransport(app=app)
-            async with httpx2.AsyncClient(transport=transport, base_url="http://test") as ac:
+            async with httpx2.AsyncClient(transport=transport, base_url="http://test", headers=admin.headers) as ac:
                 url = predict_url(model_id, top_k=3)
                 together = await asyncio.gather(*(ac.post(url, files={"images": ("i.png", d)}) for d in images))
                 alone = [await ac.post(url, files={"images": ("i.png", d)}) for d in images[:4]]
@@ -240,9 +241,11 @@ def test_concurrent_requests_are_batched_and_the_model_loads_once(
     assert registry.get_sample_value("finetune_model_loads_total") == 1  # 16 cold requests, one load
 
 
-def test_lru_cache_evicts_the_least_recently_used_model(settings: Settings, trained_run: TrainedRun) -> None:
+def test_lru_cache_evicts_the_least_recently_used_model(
+    settings: Settings, trained_run: TrainedRun, admin: Account
+) -> None:
     settings.model_cache_size = 1
-    with TestClient(create_app(settings)) as client:
+    with authed_client(create_app(settings), admin) as client:
         first = add_model(client, trained_run, name="first")
         second = add_model(client, trained_run, name="second")
         app: Any = client.app

@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
+from app.api.deps import AdminUser
 from app.errors import ApiError
 from app.observability import scrape_values
 
@@ -51,10 +52,10 @@ async def readyz(request: Request) -> dict[str, Any]:
 
 @router.get(
     "/metrics",
-    summary="Prometheus metrics",
+    summary="Prometheus metrics (an admin's API key: give it to the scraper as a bearer token)",
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
 )
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, _admin: AdminUser) -> Response:
     await run_in_threadpool(scrape_values, request.app)
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
