@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
         log("frozen backbone")
         results["frozen"] = [
-            frozen(
-                data, work, "resnet18", epochs=2 if quick else 10, crop=64 if quick else 112, repeats=repeats, log=log
-            )
+            frozen(data, work, "resnet18", epochs=2 if quick else 10, crop=64, repeats=repeats, log=log)
         ]
     if which in ("all", "full"):
         from bench.train_bench import full_finetune

@@ -15,6 +15,9 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
+# Other shapes for the benchmark's own "pretraining" task (no pretrained weights can be downloaded here):
+# the backbone learns shape features on these, then transfers to SHAPES.
+PRETRAIN_SHAPES = ("pentagon", "hexagon", "star", "ellipse", "bar", "arc")
 
 
 def _draw_shape(
@@ -28,8 +31,29 @@ def _draw_shape(
         w = r / 3
         draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
         draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    elif shape == "ellipse":
+        draw.ellipse([cx - r, cy - r / 2, cx + r, cy + r / 2], fill=fill)
+    elif shape == "bar":
+        draw.rectangle([cx - r, cy - r / 5, cx + r, cy + r / 5], fill=fill)
+    elif shape == "arc":
+        draw.arc(
+            [cx - r, cy - r, cx + r, cy + r],
+            start=math.degrees(angle),
+            end=math.degrees(angle) + 180,
+            fill=fill,
+            width=max(3, int(r / 4)),
+        )
+    elif shape == "star":
+        pts = [
+            (
+                cx + (r if k % 2 == 0 else r / 2.5) * math.cos(angle + math.pi * k / 5),
+                cy + (r if k % 2 == 0 else r / 2.5) * math.sin(angle + math.pi * k / 5),
+            )
+            for k in range(10)
+        ]
+        draw.polygon(pts, fill=fill)
     else:
-        n = {"square": 4, "triangle": 3, "diamond": 4}[shape]
+        n = {"square": 4, "triangle": 3, "diamond": 4, "pentagon": 5, "hexagon": 6}[shape]
         offset = angle + (math.pi / 4 if shape == "square" else 0.0)
         pts = [
             (cx + r * math.cos(offset + 2 * math.pi * k / n), cy + r * math.sin(offset + 2 * math.pi * k / n))
@@ -71,13 +95,14 @@ def make_dataset(
     val_per_class: int = 25,
     seed: int = 0,
     size: tuple[int, int] = (400, 300),
+    shapes: tuple[str, ...] = SHAPES,
 ) -> Path:
     """An ImageFolder-style ``root/{train,val}/<class>/*.jpg`` tree (both arms read the same split)."""
     if (root / ".complete").exists():
         return root
     rng = random.Random(seed)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for shape in SHAPES[:classes]:
+        for shape in shapes[:classes]:
             folder = root / split / shape
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):

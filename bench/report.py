@@ -29,8 +29,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         f"- Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']} ({m['torch_threads']} threads)",
         f"- Data: {results.get('data')}",
         f"- Finished: {results.get('finished_at')}",
-        "- No pretrained weights can be downloaded on our machines: both training arms start from the same",
-        "  seeded random initialisation (a safetensors file), so accuracies are from-scratch accuracies.",
+        "- No pretrained weights can be downloaded on our machines, so the benchmark pretrains each architecture",
+        "  itself on six other shapes (pentagon, hexagon, star, ellipse, bar, arc) and both training arms",
+        "  transfer from that same file to the four benchmark shapes, as they would from ImageNet weights.",
         "",
     ]
     if "pipeline" in results:
