@@ -35,3 +35,13 @@ def test_upload_train_and_finish(client: TestClient, settings: Settings, worker:
         model = s.get(Model, job["model_id"])
         assert model is not None and model.name.startswith("a dataset with") and model.name.endswith("lenet")
         assert len(model.name) <= 200
+
+    # ...and the trained model answers predictions over HTTP.
+    from tests.app.conftest import dataset_files
+
+    image = next(iter(dataset_files(per_class=1, seed=99).values()))
+    r = client.post(f"/api/v1/models/{job['model_id']}/predict?top_k=2", files={"images": ("x.png", image)})
+    assert r.status_code == 200, r.text
+    labels = r.json()["predictions"][0]["labels"]
+    assert len(labels) == 2 and {label["label"] for label in labels} <= {"red", "green", "blue"}
+    assert 0.0 < sum(label["probability"] for label in labels) <= 1.0 + 1e-6
