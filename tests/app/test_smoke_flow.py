@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from app.db import session_scope
 from app.db.tables import Model
 from app.settings import Settings
-from tests.app.conftest import read_events, upload_zip, wait_for_job
+from tests.app.conftest import dataset_files, read_events, upload_zip, wait_for_job
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
@@ -37,8 +37,6 @@ def test_upload_train_and_finish(client: TestClient, settings: Settings, worker:
         assert len(model.name) <= 200
 
     # ...and the trained model answers predictions over HTTP.
-    from tests.app.conftest import dataset_files
-
     image = next(iter(dataset_files(per_class=1, seed=99).values()))
     r = client.post(f"/api/v1/models/{job['model_id']}/predict?top_k=2", files={"images": ("x.png", image)})
     assert r.status_code == 200, r.text
