@@ -17,6 +17,7 @@ the new checkpoint, whole. Retention keeps ``best``, ``last`` and the newest ``k
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -110,7 +111,8 @@ def save_checkpoint(
         save_file(state_dict, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
         if train_state is not None:
-            torch.save(train_state, tmp / STATE_FILE)
+            with open(tmp / STATE_FILE, "wb") as fh:  # a Python file: its OSError is kept as the context
+                torch.save(train_state, fh)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -119,8 +121,11 @@ def save_checkpoint(
             _remove_unreferenced(run_dir, final)
         tmp.rename(final)
         fsync_dir(ckpt_root)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError) and _out_of_space(e):
+            # safetensors and torch.save word a full disk their own way; raise it as the OSError it is.
+            raise OSError(errno.ENOSPC, f"No space left on device while saving checkpoint {name}") from e
         raise
     if update_last:
         _point(run_dir, "last", final)
@@ -129,6 +134,24 @@ def save_checkpoint(
     fsync_dir(run_dir)
     apply_retention(run_dir, keep_last)
     return final
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether a failed write ran out of space: an OSError ENOSPC/EDQUOT anywhere in the exception's chain
+    (torch.save's RuntimeError keeps the file's OSError as its context), or safetensors' message for it
+    ("I/O error: No space left on device (os error 28)")."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if re.search(
+            rf"No space left on device|Disk quota exceeded|os error ({errno.ENOSPC}|{errno.EDQUOT})\b", str(cur)
+        ):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def _point(run_dir: Path, link: str, target: Path) -> None:

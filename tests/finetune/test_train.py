@@ -231,8 +231,8 @@ def test_crash_during_a_save_keeps_the_previous_checkpoint(tmp_path: Path, monke
     real_save = torch.save
 
     def failing_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
-        if "epoch-0002" in str(f):  # epoch 2's training state: write half of it, then the disk "fails"
-            Path(f).write_bytes(b"PK\x03\x04 half written")
+        if "epoch-0002" in str(getattr(f, "name", f)):  # epoch 2's training state: half of it, then the disk "fails"
+            f.write(b"PK\x03\x04 half written")
             raise OSError(28, "No space left on device")
         real_save(obj, f, *args, **kwargs)
 
