@@ -192,8 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "users" and args.action != "list" and not args.name:
         parser.error(f"users {args.action} needs a NAME")
+    # `users` is an admin's one-shot command: its output is its answer, not the migrations' progress.
+    default_level = "WARNING" if args.command == "users" else "INFO"
     logging.basicConfig(
-        level=os.environ.get("FINETUNE_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=os.environ.get("FINETUNE_LOG_LEVEL", default_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     commands = {"serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate, "users": cmd_users}
     return commands[args.command](args)

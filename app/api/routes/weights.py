@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
-from app.api.deps import SettingsDep
+from app.api.deps import CurrentUser, SettingsDep
 from finetune import weights as engine_weights
 from finetune.models import ARCHITECTURES
 
@@ -41,6 +41,7 @@ class WeightsOut(BaseModel):
 @router.get("", summary="ImageNet weights on this server, per architecture")
 def list_weights(
     settings: SettingsDep,
+    _user: CurrentUser,
     verify: Annotated[
         bool, Query(description="check each present file's SHA-256 (remembered per file once computed)")
     ] = True,
