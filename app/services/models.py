@@ -31,7 +31,8 @@ _MAX_PART_HEADER_BYTES = 8192
 
 
 def get_owned(session: Session, owner: User, model_id: str) -> Model:
-    model = session.get(Model, model_id)
+    # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
+    model = session.get(Model, model_id) if "\x00" not in model_id else None
     if model is None or (model.owner_id != owner.id and not owner.is_admin):
         raise not_found("model", model_id)
     return model
