@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -19,6 +19,9 @@ from finetune.config import TrainConfig
 # Settings a user never chooses for a server-side job: where data and runs live, which device.
 SERVER_OWNED = {"data", "out", "cache_dir", "weights_dir", "device"}
 USER_WEIGHTS = ("imagenet", "none")  # a path on the server is never accepted from a client
+# Fields a client may send (a job it read back, say) but never sets: the server decides them. They are
+# dropped; any other unknown field is still a 422 (a typo in a hyperparameter must not go unnoticed).
+CLIENT_IGNORED = frozenset({"owner", "owner_id", "status", "run_key", "id", "attempt", "path", *SERVER_OWNED})
 
 
 def _hyperparameter_fields() -> dict[str, Any]:
@@ -62,6 +65,13 @@ class JobCreate(JobHyperparameters):
         "or none (random initialisation)",
     )
     strategy: _STRATEGY = Field("auto", description=_FIELDS["strategy"].metadata["help"])
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_server_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if k not in CLIENT_IGNORED}
+        return data
 
 
 def validate_request(body: BaseModel, settings: Settings) -> TrainConfig:

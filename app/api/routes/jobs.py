@@ -112,7 +112,8 @@ def job_out(job: Job, metrics: list[JobMetric] | None = None, model_id: str | No
     summary="Start a fine-tuning job",
     description="Queues a job; the response is the job (status `queued`). Hyperparameters are checked "
     "against the engine's ranges; a job asking for ImageNet weights the server does not have is refused "
-    "with the command that fetches them.",
+    "with the command that fetches them. Fields the server decides (`status`, `owner_id`, `id`, paths, "
+    "`device`...) are ignored when sent; any other unknown field is refused with 422.",
 )
 def create_job(
     body: svc.JobCreate,
