@@ -14,6 +14,7 @@ from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
 from app.observability import Metrics, MetricsMiddleware
 from app.pages import routes as pages
+from app.services.ratelimit import RateLimits
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
 from app.storage import Storage
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings.db_url)
     app.state.storage = Storage(settings.data_dir)
     app.state.queue = JobQueue(settings)
+    app.state.rate_limits = RateLimits.from_settings(settings)
     app.state.metrics = metrics = Metrics()
     app.state.model_cache = ModelCache(
         settings.model_cache_size,

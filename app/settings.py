@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     cancel_grace_seconds: float = 30.0
     progress_interval_seconds: float = 0.3
 
+    # Per-user limits (0 turns one off). Rate limits are token buckets kept by each API process.
+    rate_limit_predict_per_minute: float = Field(1200, ge=0, description="predict requests per user per minute")
+    rate_limit_uploads_per_hour: float = Field(60, ge=0, description="dataset uploads per user per hour")
+    max_queued_jobs_per_user: int = Field(20, ge=0, description="jobs one user may have waiting in the queue")
+
     # Engine
     weights_dir: Path | None = Field(None, description="torchvision weights folder (default: torch's cache)")
     assets_dir: Path = Field(REPO_ROOT / "node_modules", description="where `make install` put the chart library")

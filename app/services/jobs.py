@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.tables import FINISHED_STATUSES, Dataset, Job, JobMetric, Model, User, utcnow
@@ -101,6 +101,24 @@ def create_job(session: Session, owner: User, dataset: Dataset, config: TrainCon
     session.flush()
     job.run_key = Storage.run_key(job.id)
     return job
+
+
+def check_queue_room(session: Session, owner_id: str, settings: Settings) -> None:
+    """429 when the user ``owner_id`` already has as many queued jobs as a user may (0: no cap)."""
+    cap = settings.max_queued_jobs_per_user
+    if cap <= 0:
+        return
+    queued = session.scalar(
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status == "queued")
+    )
+    if queued is not None and queued >= cap:
+        raise ApiError(
+            429,
+            "too_many_queued_jobs",
+            f"{queued} jobs of this user are queued, the most allowed (max_queued_jobs_per_user = {cap}): "
+            "wait for some to start, or cancel some",
+            details={"queued": queued, "max_queued_jobs_per_user": cap},
+        )
 
 
 def get_owned(session: Session, owner: User, job_id: str) -> Job:

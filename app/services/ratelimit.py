@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 from app.errors import ApiError
+from app.settings import Settings
 
 
 @dataclass
@@ -45,4 +46,21 @@ class RateLimiter:
             wait = math.ceil((1 - bucket.tokens) / self.rate)
         raise ApiError(
             429, "rate_limited", f"too many {what} requests; retry in {wait} s", headers={"Retry-After": str(wait)}
+        )
+
+
+@dataclass
+class RateLimits:
+    """The app's limiters (``app.state.rate_limits``), keyed by user id."""
+
+    predict: RateLimiter
+    uploads: RateLimiter
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RateLimits:
+        per_hour = settings.rate_limit_uploads_per_hour
+        return cls(
+            predict=RateLimiter(settings.rate_limit_predict_per_minute),
+            # An hourly allowance may be spent at once, then comes back at per_hour / 60 a minute.
+            uploads=RateLimiter(per_hour / 60.0, burst=max(1, int(per_hour))),
         )

@@ -64,6 +64,7 @@ def to_out(dataset: Dataset, thumbnails: dict[str, list[int]] | None = None) -> 
     "(relative paths such as `cats/1.jpg`, as a folder picker sends them), and an optional `name`; or a raw "
     "`application/zip` body (`?name=`). Every image is checked; the report lists classes, counts per split, "
     "skipped files with reasons and warnings.",
+    responses={429: {"description": "`rate_limited`: too many uploads by this user (see `Retry-After`)"}},
     openapi_extra={
         "requestBody": {
             "content": {
@@ -87,6 +88,7 @@ def to_out(dataset: Dataset, thumbnails: dict[str, list[int]] | None = None) -> 
 async def create_dataset(
     request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep, user: CurrentUser
 ) -> DatasetOut:
+    request.app.state.rate_limits.uploads.take(user.id, "upload")  # before a byte of the body is read
     temp = storage.new_temp_dir("upload")
     try:
         received = await receive_upload(

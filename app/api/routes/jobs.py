@@ -114,6 +114,7 @@ def job_out(job: Job, metrics: list[JobMetric] | None = None, model_id: str | No
     "against the engine's ranges; a job asking for ImageNet weights the server does not have is refused "
     "with the command that fetches them. Fields the server decides (`status`, `owner_id`, `id`, paths, "
     "`device`...) are ignored when sent; any other unknown field is refused with 422.",
+    responses={429: {"description": "`too_many_queued_jobs`: the user has `max_queued_jobs_per_user` jobs queued"}},
 )
 def create_job(
     body: svc.JobCreate,
@@ -124,6 +125,7 @@ def create_job(
 ) -> JobOut:
     dataset = dataset_svc.get_owned(session, user, body.dataset_id)
     config = svc.validate_request(body, settings)
+    svc.check_queue_room(session, user.id, settings)
     job = svc.create_job(session, user, dataset, config)
     session.commit()  # the row is the truth: it exists before the queue hears of it
     request.app.state.queue.enqueue(job.id)
@@ -157,8 +159,12 @@ def cancel_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobOut:
 
 
 @router.post("/{job_id}/resume", status_code=202, summary="Resume a failed or cancelled job from its last checkpoint")
-def resume_job(job_id: str, request: Request, session: SessionDep, storage: StorageDep, user: CurrentUser) -> JobOut:
+def resume_job(
+    job_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep, user: CurrentUser
+) -> JobOut:
     job = svc.get_owned(session, user, job_id)
+    if job.status in ("failed", "cancelled"):  # anything else is refused by resume() with its own 409
+        svc.check_queue_room(session, job.owner_id, settings)  # the job's owner: an admin may resume it
     svc.resume(session, storage, job)
     session.commit()
     request.app.state.queue.enqueue(job.id)

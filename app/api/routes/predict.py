@@ -53,6 +53,7 @@ _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
     "The answer has one entry per image, in order, each with the `top_k` most likely labels "
     "(probabilities over all classes sum to 1). A file that is not an acceptable image is refused "
     "with 422 `bad_image` and the reason; `details.index` says which.",
+    responses={429: {"description": "`rate_limited`: too many predict requests by this user (see `Retry-After`)"}},
     openapi_extra={
         "requestBody": {
             "content": {
@@ -79,6 +80,8 @@ async def predict(
     cache: ModelCacheDep,
     top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description="labels per image")] = 5,
 ) -> PredictOut:
+    request.app.state.rate_limits.predict.take(user.id, "predict")
+
     def lookup() -> str:
         model = svc.get_owned(session, user, model_id)
         session.commit()  # the connection goes back to the pool now, not after the forward pass
