@@ -3,16 +3,24 @@
 Entries are written only inside the target folder: ``..``, absolute and drive paths, links and encrypted
 entries reject the whole archive, and the bytes actually decompressed (not the sizes the header claims)
 are counted against a cap, so a zip bomb stops early. Nested archives are just files: never opened.
+
+``StoredNames`` goes further for files that come from someone else (the service's uploads): a file's own
+name never becomes a path. Each file is stored under a generated name in its folder, folder names (class
+and split names) are normalised, and the original names are kept as data in ``NAMES_FILE``, which
+``finetune.dataset.load_dataset`` reads to show them in its report.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
+import unicodedata
 import uuid
 import zipfile
 import zlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .errors import DatasetError, UnsafeArchiveError
@@ -21,6 +29,13 @@ _CHUNK = 1 << 20
 # Names that operating systems add to archives; they are ignored silently, never reported.
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db"})
 JUNK_DIRS = frozenset({"__MACOSX"})
+# {stored relative path: original relative path} of a folder whose files were renamed by ``StoredNames``.
+# A dot-file: the dataset reader skips it like any hidden file, and no upload can write one (junk is skipped).
+NAMES_FILE = ".names.json"
+MAX_FOLDER_NAME = 100
+# Unix file types that may be extracted (0: no type recorded, as Windows tools and ``writestr`` leave it).
+_PLAIN_TYPES = (0, stat.S_IFREG, stat.S_IFDIR)
+_AES_COMPRESSION = 99  # WinZip AES encryption is announced as this compression method
 
 
 @dataclass(frozen=True)
@@ -53,14 +68,78 @@ def safe_member_path(name: str, max_name_length: int = 255) -> PurePosixPath:
     return PurePosixPath(*parts) if parts else PurePosixPath()
 
 
+def clean_folder_name(part: str, max_length: int = MAX_FOLDER_NAME) -> str:
+    """A user's folder name (a class or split name) as it may be stored and shown: Unicode NFC, control
+    and format characters (bidi overrides among them) and path separators removed, surrounding spaces and
+    leading dots (which would hide it) stripped, at most ``max_length`` characters. A name that is empty
+    once cleaned (``.`` and ``..`` among them) is an ``UnsafeArchiveError``."""
+    normal = unicodedata.normalize("NFC", part)
+    kept = "".join(c for c in normal if c not in "/\\" and unicodedata.category(c) not in ("Cc", "Cf", "Zl", "Zp"))
+    cleaned = kept.strip().lstrip(".").strip()[:max_length].rstrip()
+    if not cleaned:
+        raise UnsafeArchiveError(f"the folder name {part[:80]!r} is empty once control characters are removed")
+    return cleaned
+
+
+Rename = Callable[[PurePosixPath], PurePosixPath]
+
+
+@dataclass
+class StoredNames:
+    """The ``rename`` hook of ``extract_zip`` (and of the service's folder uploads): maps a file's checked
+    relative path to the path it is stored under, ``<cleaned folders>/<counter>``, and remembers the
+    original. The counter is global, so two files never meet however their folders clean up."""
+
+    max_folder_length: int = MAX_FOLDER_NAME
+    originals: dict[str, str] = field(default_factory=dict)  # stored path -> original path
+    _seen: set[str] = field(default_factory=set, repr=False)
+
+    def __call__(self, relative: PurePosixPath) -> PurePosixPath:
+        if not relative.parts:
+            raise UnsafeArchiveError("an entry has no name")
+        if str(relative) in self._seen:
+            raise UnsafeArchiveError(f"archive has the entry {str(relative)!r} twice")
+        self._seen.add(str(relative))
+        folders = [clean_folder_name(p, self.max_folder_length) for p in relative.parts[:-1]]
+        stored = PurePosixPath(*folders, f"{len(self.originals) + 1:06d}")
+        self.originals[str(stored)] = str(relative)
+        return stored
+
+    def write(self, folder: Path) -> None:
+        """Keep the original names beside the files they belong to (``folder / NAMES_FILE``)."""
+        (folder / NAMES_FILE).write_text(json.dumps(self.originals, ensure_ascii=False, sort_keys=True))
+
+
+def read_names(folder: Path) -> dict[str, str]:
+    """The ``NAMES_FILE`` of ``folder`` ({stored: original}), or {} when it has none (names as stored)."""
+    try:
+        data = json.loads((folder / NAMES_FILE).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{folder / NAMES_FILE} is unreadable: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise DatasetError(f"{folder / NAMES_FILE} is not a mapping of stored to original names")
+    return data
+
+
 def extract_zip(
-    archive: str | Path, dest: str | Path, limits: ArchiveLimits | None = None, *, display_name: str | None = None
+    archive: str | Path,
+    dest: str | Path,
+    limits: ArchiveLimits | None = None,
+    *,
+    display_name: str | None = None,
+    rename: Rename | None = None,
 ) -> Path:
     """Extract the images and folders of ``archive`` into ``dest`` (which must not exist yet).
 
     The extraction happens in a temporary sibling folder that is renamed into place at the end, so
     ``dest`` either holds the whole archive or does not exist. Raises ``DatasetError`` for an empty or
     corrupt zip and ``UnsafeArchiveError`` for hostile entries.
+
+    ``rename`` maps each entry's checked relative path to the relative path it is written to (e.g. a
+    ``StoredNames``, which also writes its ``NAMES_FILE`` into ``dest``); without it, entries keep their
+    (checked) names. Either way the result is checked again: it must stay inside ``dest``.
     """
     limits = limits or ArchiveLimits()
     archive, dest = Path(archive), Path(dest)
@@ -69,7 +148,9 @@ def extract_zip(
     tmp = dest.with_name(f".{dest.name}.extract-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        _extract_into(archive, tmp, limits, display_name or archive.name)
+        _extract_into(archive, tmp, limits, display_name or archive.name, rename)
+        if isinstance(rename, StoredNames):
+            rename.write(tmp)
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,7 +158,7 @@ def extract_zip(
     return dest
 
 
-def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str) -> None:
+def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str, rename: Rename | None) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
@@ -96,6 +177,11 @@ def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str) -
         for info, relative in plan:
             if relative is None or info.is_dir():
                 continue
+            if rename is not None:
+                stored = rename(relative)
+                if safe_member_path(str(stored)) != stored or not stored.parts or is_junk(stored):
+                    raise UnsafeArchiveError(f"archive entry {info.filename!r} was renamed to an unusable path")
+                relative = stored
             target = root.joinpath(*relative.parts)
             # Belt and braces: the resolved target must stay inside root.
             if not target.resolve().is_relative_to(root.resolve()):
@@ -110,12 +196,15 @@ def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str) -
 def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> PurePosixPath | None:
     """Validate one entry; return its relative path, or None for OS junk that is skipped silently."""
     relative = safe_member_path(info.filename, limits.max_name_length)
-    if info.flag_bits & 0x1:
+    # Bit 0: encrypted; bit 6: strong encryption; method 99: WinZip AES.
+    if info.flag_bits & 0x41 or info.compress_type == _AES_COMPRESSION:
         raise UnsafeArchiveError(f"archive entry {info.filename!r} is encrypted")
-    # Unix file type bits; zips written without them (Python's ``ZipFile.writestr`` gives 0o600) are plain files.
+    # Unix file type bits, whatever system the zip says made it (the bits are what unzip tools act on);
+    # zips written without them (Python's ``ZipFile.writestr`` gives 0o600) are plain files.
     file_type = stat.S_IFMT(info.external_attr >> 16)
-    if info.create_system == 3 and file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
-        raise UnsafeArchiveError(f"archive entry {info.filename!r} is a link or special file")
+    if file_type not in _PLAIN_TYPES:
+        kind = "symbolic link" if file_type == stat.S_IFLNK else "device, FIFO or socket"
+        raise UnsafeArchiveError(f"archive entry {info.filename!r} is a link or special file ({kind}): refused")
     if not relative.parts or is_junk(relative):
         return None
     if info.file_size > limits.max_entry_bytes:
@@ -150,4 +239,13 @@ def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits
     return written
 
 
-__all__ = ["ArchiveLimits", "extract_zip", "is_junk", "safe_member_path"]
+__all__ = [
+    "NAMES_FILE",
+    "ArchiveLimits",
+    "StoredNames",
+    "clean_folder_name",
+    "extract_zip",
+    "is_junk",
+    "read_names",
+    "safe_member_path",
+]

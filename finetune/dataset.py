@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from .archive import ArchiveLimits, extract_zip, is_junk
+from .archive import ArchiveLimits, extract_zip, is_junk, read_names
 from .errors import DatasetError, ImageError
 from .images import DEFAULT_MAX_PIXELS, decode_for_size
 from .pixelcache import PixelCache
@@ -104,6 +104,13 @@ class Dataset:
     explicit_split: bool
     warnings: list[Warning_]
     duplicates: list[list[str]]
+    # {stored path: original path}, both relative to ``root``, for files stored under generated names
+    # (``finetune.archive.StoredNames``); the report shows the originals. Empty: names are as stored.
+    names: dict[str, str] = field(default_factory=dict)
+
+    def display(self, path: str) -> str:
+        """The name to show for a stored relative path: the user's original name when it was renamed."""
+        return self.names.get(path, path)
 
     def split(self, name: str) -> list[Sample]:
         return [s for s in self.samples if s.split == name]
@@ -141,14 +148,21 @@ class Dataset:
             "counts": counts,
             "split_totals": {sp: sum(c[sp] for c in counts.values()) for sp in SPLITS},
             "image_size": _size_stats(widths, heights),
-            "skipped": [asdict(s) for s in self.skipped],
+            "skipped": [self._entry(s.path, reason=s.reason) for s in self.skipped],
             "warnings": [asdict(w) for w in self.warnings],
-            "duplicates": self.duplicates,
+            "duplicates": [[self.display(p) for p in group] for group in self.duplicates],
             "fingerprint": self.fingerprint,
         }
         if include_files:
-            report["files"] = [{"path": s.path, "class": self.classes[s.label], "split": s.split} for s in self.samples]
+            report["files"] = [
+                self._entry(s.path, **{"class": self.classes[s.label], "split": s.split}) for s in self.samples
+            ]
         return report
+
+    def _entry(self, path: str, **fields: str) -> dict[str, str]:
+        """``path`` is the name to show; ``stored`` (only when it differs) is where the file is."""
+        shown = self.display(path)
+        return {"path": shown, **({"stored": path} if shown != path else {}), **fields}
 
 
 def load_dataset(
@@ -176,6 +190,7 @@ def load_dataset(
         root = _extract_once(source, Path(extract_dir), options.archive_limits)
     else:
         root = source
+    base, names = root, read_names(root)
     root = _descend_wrapper_folders(root)
     layout = _find_layout(root)
     candidates, skipped, ignored = _collect_files(root, layout, options)
@@ -210,7 +225,7 @@ def load_dataset(
         samples = _stratified_split(samples_raw, label_of, options)
     samples.sort(key=lambda s: s.path)
     skipped.sort(key=lambda s: s.path)
-    dataset = Dataset(root, classes, samples, skipped, explicit, [], [])
+    dataset = Dataset(root, classes, samples, skipped, explicit, [], [], _names_below(names, base, root))
     dataset.duplicates, dup_warnings = _duplicates(dataset)
     dataset.warnings = (
         [Warning_("ignored_folder", f"folder {name!r} is not a split and was ignored") for name in ignored]
@@ -220,6 +235,20 @@ def load_dataset(
     if skipped:
         dataset.warnings.append(Warning_("skipped_files", f"{len(skipped)} file(s) could not be used"))
     return dataset
+
+
+def _names_below(names: dict[str, str], base: Path, root: Path) -> dict[str, str]:
+    """``names`` (relative to ``base``) for the files under ``root``, relative to ``root``. Stored paths
+    have as many parts as their originals (folders are renamed one for one), so the original loses as many
+    leading folders as the stored path."""
+    prefix = root.relative_to(base).parts
+    depth = len(prefix)
+    out: dict[str, str] = {}
+    for stored, original in names.items():
+        sp, op = PurePosixPath(stored).parts, PurePosixPath(original).parts
+        if sp[:depth] == prefix and len(sp) > depth and len(op) > depth:
+            out[str(PurePosixPath(*sp[depth:]))] = str(PurePosixPath(*op[depth:]))
+    return out
 
 
 def _extract_once(archive: Path, extract_dir: Path, limits: ArchiveLimits) -> Path:
@@ -430,7 +459,7 @@ def _duplicates(ds: Dataset) -> tuple[list[list[str]], list[Warning_]]:
         warnings.append(Warning_("duplicates", f"{extra} byte-identical duplicate file(s) in {len(groups)} group(s)"))
     cross = [g for g in groups if len({s.split for s in g}) > 1]
     if cross:
-        example = ", ".join(s.path for s in cross[0][:2])
+        example = ", ".join(ds.display(s.path) for s in cross[0][:2])
         warnings.append(
             Warning_(
                 "duplicates_across_splits",
@@ -440,7 +469,7 @@ def _duplicates(ds: Dataset) -> tuple[list[list[str]], list[Warning_]]:
         )
     conflicting = [g for g in groups if len({s.label for s in g}) > 1]
     if conflicting:
-        example = ", ".join(s.path for s in conflicting[0][:2])
+        example = ", ".join(ds.display(s.path) for s in conflicting[0][:2])
         warnings.append(
             Warning_(
                 "conflicting_labels", f"{len(conflicting)} image(s) appear in more than one class (e.g. {example})"
