@@ -1,12 +1,14 @@
 """Decoding images safely and identically everywhere (dataset check, pixel cache, prediction).
 
-One function owns the rules: a format allow-list, EXIF orientation, every mode to RGB, a pixel limit
-that is an error (not a warning) and no loading of truncated files.
+One function owns the rules: a format allow-list, no polyglots (an image that is also a zip, a PDF or an
+HTML page is refused), EXIF orientation, every mode to RGB, a pixel limit that is an error (not a
+warning), no loading of truncated files, and a bounded resize for extreme aspect ratios.
 """
 
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,11 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".gif"})
 # Larger than any photo a camera takes (~ 200 MP); a decompression bomb is far beyond.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Resizing the short side of a 1x5000 strip to 256 would make a 256x1280000 image (a gigabyte). Nothing
+# past a square (prediction, evaluation) or 4:3 (the pixel cache) is ever looked at, so the long side is
+# centre-cropped to this ratio before resizing: images up to 8:1 keep exactly their resize, a sliver
+# costs what an 8:1 image does.
+MAX_DECODE_ASPECT = 8.0
 
 # Never hand half a picture to training: a truncated file is an error.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -48,7 +55,20 @@ def decode_for_size(
     it gives the pixels its file would. One not loaded yet is loaded here, at the reduced JPEG scale.
     """
     img, original = _decode(source, max_pixels=max_pixels, draft_size=short_side)
-    return resize_short_side(img, short_side), original
+    return resize_short_side(cap_aspect(img, MAX_DECODE_ASPECT), short_side), original
+
+
+def cap_aspect(img: Image.Image, max_aspect: float) -> Image.Image:
+    """The centred part of ``img`` whose long side is at most ``max_aspect`` times its short side."""
+    w, h = img.size
+    longest = max(1, int(min(w, h) * max_aspect + 0.5))
+    if w > longest:
+        left = (w - longest) // 2
+        return img.crop((left, 0, left + longest, h))
+    if h > longest:
+        top = (h - longest) // 2
+        return img.crop((0, top, w, top + longest))
+    return img
 
 
 def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
@@ -68,9 +88,13 @@ def _decode(source: ImageSource, *, max_pixels: int, draft_size: int | None) -> 
     try:
         if isinstance(source, Image.Image):  # the caller's image: the caller closes it
             return _prepare(source, max_pixels, draft_size)
-        fp: io.BytesIO | str | Path = io.BytesIO(source) if isinstance(source, bytes | bytearray) else source
+        data = bytes(source) if isinstance(source, bytes | bytearray) else Path(source).read_bytes()
         # Closing matters: Pillow keeps GIFs (any multi-frame file) open after loading them.
-        with Image.open(fp, formats=ALLOWED_FORMATS) as img:
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as img:
+            # An accepted image by its header; refused all the same if it is something else as well.
+            reason = polyglot_reason(data)
+            if reason is not None:
+                raise ImageError(f"the file is also {reason} (a polyglot file): refused")
             return _prepare(img, max_pixels, draft_size)
     except ImageError:
         raise
@@ -86,6 +110,36 @@ def _decode(source: ImageSource, *, max_pixels: int, draft_size: int | None) -> 
         raise ImageError(f"unreadable or truncated image: {reason}") from None
     except Exception as e:  # a malformed file must never crash a run; record why it was skipped
         raise ImageError(f"image could not be decoded: {type(e).__name__}: {e}") from None
+
+
+# What browsers and PDF readers look for in a file's first kilobyte. An image never carries them there.
+_MARKUP = (b"<html", b"<!doctype html", b"<script", b"<body", b"<iframe", b"<svg")
+_ZIP_TAIL = 65_536 + 22  # the end-of-central-directory record, with the longest comment, is in here
+
+
+def polyglot_reason(data: bytes) -> str | None:
+    """What else ``data`` is when it is also a document or an archive that another program would open
+    (``"a zip archive"``, ``"a PDF document"``, ``"an HTML or SVG document"``), else None."""
+    head = data[:1024].lower()
+    if b"%pdf-" in head:
+        return "a PDF document"
+    if any(marker in head for marker in _MARKUP):
+        return "an HTML or SVG document"
+    if b"PK\x05\x06" in data[-_ZIP_TAIL:] and _holds_zip(data):
+        return "a zip archive"
+    return None
+
+
+def _holds_zip(data: bytes) -> bool:
+    """A real zip (a directory whose first entry has its local header), not 4 bytes of pixel data that
+    happen to read like the end of one."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            infos = zf.infolist()
+            offset = infos[0].header_offset if infos else -1
+            return offset >= 0 and data[offset : offset + 4] == b"PK\x03\x04"
+    except Exception:  # whatever a broken directory raises, it is not a zip anything would open
+        return False
 
 
 def _prepare(img: Image.Image, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:

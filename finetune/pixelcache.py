@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .images import DEFAULT_MAX_PIXELS, decode_for_size
+from .images import DEFAULT_MAX_PIXELS, cap_aspect, decode_for_size
 
 _MAGIC = b"PXC1"
 _HEADER = struct.Struct("<4sIIII12x")  # 32 bytes
@@ -92,7 +92,7 @@ class PixelCache:
         return original
 
     def store(self, sha256: str, img: Image.Image, original: tuple[int, int]) -> None:
-        arr = np.asarray(_cap_aspect(img), dtype=np.uint8)
+        arr = np.asarray(cap_aspect(img, MAX_ASPECT), dtype=np.uint8)
         h, w = arr.shape[:2]
         target = self.path(sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -101,16 +101,3 @@ class PixelCache:
             f.write(_HEADER.pack(_MAGIC, original[0], original[1], w, h))
             f.write(np.ascontiguousarray(arr).tobytes())
         os.replace(tmp, target)
-
-
-def _cap_aspect(img: Image.Image) -> Image.Image:
-    w, h = img.size
-    short = min(w, h)
-    longest = int(short * MAX_ASPECT + 0.5)
-    if w > longest:
-        left = (w - longest) // 2
-        return img.crop((left, 0, left + longest, h))
-    if h > longest:
-        top = (h - longest) // 2
-        return img.crop((0, top, w, top + longest))
-    return img
