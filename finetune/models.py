@@ -18,7 +18,16 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, WeightsError
-from .weights import PRETRAINED_ARCHITECTURES, cached_imagenet_path, imagenet_weights, load_state_file
+from .weights import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    PRETRAINED_ARCHITECTURES,
+    HeaderCheck,
+    TensorInfo,
+    cached_imagenet_path,
+    imagenet_weights,
+    load_state_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,24 +180,28 @@ def build_model(
     check_arch(arch)
     if num_classes < 2:
         raise ConfigError([f"num_classes must be at least 2, got {num_classes}"])
+    path: Path | None
     if weights == "imagenet":
         if arch == "lenet":
             raise WeightsError("lenet has no ImageNet weights; use weights='none'")
         path = cached_imagenet_path(arch, weights_dir)  # fails fast when the file is missing
-        state = load_state_file(path)
         source = f"imagenet:{imagenet_weights(arch)}"
     elif weights == "none":
-        state, source = None, "none"
+        path, source = None, "none"
     else:
-        state, source = load_state_file(weights), f"file:{weights}"
+        path, source = Path(weights), f"file:{weights}"
+        if not path.is_file():
+            raise WeightsError(f"weights file not found: {path}")
     # torchvision converts GoogLeNet's ImageNet weights to expect (x-0.5)/0.5 input and sets
     # transform_input=True to renormalise ImageNet-normalised input inside the network. Weights files
     # we are handed follow the same convention; only random initialisation needs no renormalising.
     transform_input = arch == "googlenet" and weights != "none"
-    if state is None:
+    if path is None:
         model = _construct(arch, num_classes, transform_input=transform_input)
     else:
         model = _construct(arch, 1000 if arch != "lenet" else num_classes, transform_input=transform_input)
+        # The file's header is checked against this network before any of its tensors is read.
+        state = load_state_file(path, check=_header_check(model, arch))
         load_backbone(model, arch, state)
         replace_heads(model, arch, num_classes)
     prep = preprocessing_for(arch, "imagenet" if arch != "lenet" else "none", image_size)
@@ -206,25 +219,58 @@ def _is_head_key(arch: str, key: str) -> bool:
 
 def check_backbone_keys(arch: str, state: dict[str, torch.Tensor], num_classes: int = 1000) -> None:
     """Raise ``WeightsError`` listing every missing, unexpected or misshapen backbone tensor."""
-    model = _construct(arch, num_classes, transform_input=False) if arch != "lenet" else LeNet(num_classes)
-    _compare(model, arch, state)
+    _compare(_bare(arch, num_classes), arch, state)
+
+
+def backbone_header_check(arch: str, num_classes: int = 1000) -> HeaderCheck:
+    """``load_state_file``'s check that a file's declared tensors fit ``arch`` (before any is read)."""
+    return _header_check(_bare(arch, num_classes), arch)
+
+
+def _bare(arch: str, num_classes: int) -> nn.Module:
+    return _construct(arch, num_classes, transform_input=False) if arch != "lenet" else LeNet(num_classes)
+
+
+def _header_check(model: nn.Module, arch: str) -> HeaderCheck:
+    expected = {k: v for k, v in model.state_dict().items() if not _is_head_key(arch, k)}
+
+    def check(declared: dict[str, TensorInfo]) -> None:
+        given = {k: v.shape for k, v in declared.items() if not _is_head_key(arch, k)}
+        problems = _problems(arch, {k: tuple(v.shape) for k, v in expected.items()}, given)
+        for k, v in expected.items():
+            kinds = FLOAT_DTYPES if v.is_floating_point() else INT_DTYPES
+            if k in declared and declared[k].dtype not in kinds:
+                need = "a floating-point" if v.is_floating_point() else "an integer"
+                problems.append(f"dtype of {k}: file has {declared[k].dtype}, {arch} needs {need} tensor")
+        _raise_if(arch, problems)
+
+    return check
 
 
 def _compare(model: nn.Module, arch: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    expected = {k: v for k, v in model.state_dict().items() if not _is_head_key(arch, k)}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _is_head_key(arch, k)}
     given = {k: v for k, v in state.items() if not _is_head_key(arch, k)}
+    _raise_if(arch, _problems(arch, expected, {k: tuple(v.shape) for k, v in given.items()}))
+    return given
+
+
+def _problems(arch: str, expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]]) -> list[str]:
+    """Missing, unexpected and misshapen tensors (head tensors already left out of both)."""
     optional = ("aux1.", "aux2.")  # GoogLeNet files may come without auxiliary heads
     problems = [f"missing: {k}" for k in expected if k not in given and not k.startswith(optional)]
-    problems += [f"unexpected: {k}" for k in given if k not in expected]
+    problems += [f"unexpected: {k[:200]}" for k in given if k not in expected]
     problems += [
-        f"shape of {k}: file has {tuple(given[k].shape)}, {arch} needs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in given and tuple(given[k].shape) != tuple(v.shape)
+        f"shape of {k}: file has {given[k]}, {arch} needs {shape}"
+        for k, shape in expected.items()
+        if k in given and given[k] != shape
     ]
+    return problems
+
+
+def _raise_if(arch: str, problems: list[str]) -> None:
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise WeightsError(f"weights do not fit {arch} ({len(problems)} mismatches): " + "; ".join(shown))
-    return given
 
 
 def load_backbone(model: nn.Module, arch: str, state: dict[str, torch.Tensor]) -> None:

@@ -7,7 +7,9 @@ a missing file is an immediate ``WeightsNotCachedError`` that names the file, it
 commands that fetch or import it.
 
 ``load_state_file`` reads user-supplied weights: ``.safetensors`` always, ``.pth`` only as tensors
-(``weights_only=True``), never an arbitrary pickle.
+(``weights_only=True``), never an arbitrary pickle. A ``.safetensors`` header is read and checked first
+(its size, JSON, dtypes, shapes and offsets against the file, and the caller's expectations: the keys and
+shapes of the architecture), so a hostile header is refused before any tensor memory is allocated.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import pickle
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +32,27 @@ from .errors import WeightsError, WeightsNotCachedError
 PRETRAINED_ARCHITECTURES = ("alexnet", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 _ACCEPTED_SUFFIX = ".accepted.json"
+# A ResNet-152 header is ~100 KB; safetensors itself allows 100 MB. Anything near that is not weights.
+MAX_HEADER_BYTES = 16 * 1024**2
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+INT_DTYPES = frozenset({"U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"})
 
 
 def default_cache_dir() -> Path:
@@ -178,9 +203,9 @@ def import_file(
             f"{source} does not match torchvision's published hash for {wf.weights} (SHA-256 starts with "
             f"{digest[:8]}, expected {wf.hash_prefix}). Pass --accept-unverified to import it anyway."
         )
-    from .models import check_backbone_keys  # torch-heavy: imported only when needed
+    from .models import backbone_header_check, check_backbone_keys  # torch-heavy: imported only when needed
 
-    check_backbone_keys(arch, load_state_file(source), num_classes=1000)
+    check_backbone_keys(arch, load_state_file(source, check=backbone_header_check(arch)), num_classes=1000)
     wf.path.parent.mkdir(parents=True, exist_ok=True)
     tmp = wf.path.with_name(f".{wf.filename}.{uuid.uuid4().hex[:8]}.part")
     try:
@@ -197,19 +222,105 @@ def import_file(
     return wf.path
 
 
-def load_state_file(path: str | Path) -> dict[str, Any]:
-    """Tensors from a ``.safetensors`` file, or a tensors-only ``.pth`` (never an arbitrary pickle)."""
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor as a weights file declares it: safetensors dtype name (``F32``...) and shape."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+# Called with every tensor a file declares, before any is loaded; raises ``WeightsError`` to refuse the file.
+HeaderCheck = Callable[[dict[str, TensorInfo]], None]
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
+    """The tensors a ``.safetensors`` file declares, read from its header alone (no tensor data is read).
+
+    Refuses, with a ``WeightsError``, a header over ``MAX_HEADER_BYTES`` or past the end of the file, one
+    that is not a JSON object, unknown dtypes, malformed shapes, and data offsets that do not tile the rest
+    of the file exactly (a shape the file does not hold the bytes for, overlapping tensors, a truncated file).
+    """
+    path = Path(path)
+
+    def bad(reason: str) -> WeightsError:
+        return WeightsError(f"{path.name} is not a valid safetensors file: {reason}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad(f"{size} bytes is too short to hold a header")
+        length = int.from_bytes(prefix, "little")
+        if length > MAX_HEADER_BYTES:
+            raise bad(f"its header claims {length} bytes, over the limit of {MAX_HEADER_BYTES}")
+        if 8 + length > size:
+            raise bad(f"its header claims {length} bytes but the file has {size - 8} after the length (truncated)")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise bad("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data_size = size - 8 - length
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise bad("__metadata__ must map names to strings")
+            continue
+        if not isinstance(entry, dict):
+            raise bad(f"the entry of {name[:80]!r} is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            raise bad(f"{name[:80]!r} has an unknown dtype {str(dtype)[:20]!r}")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) or len(shape) > 16:
+            raise bad(f"{name[:80]!r} has a malformed shape")
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_size
+        ):
+            raise bad(f"{name[:80]!r} has data offsets outside the file's {data_size} data bytes (truncated?)")
+        nbytes = prod(shape) * DTYPE_BYTES[str(dtype)]
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(
+                f"{name[:80]!r} declares shape {tuple(shape)} ({nbytes} bytes) but holds {offsets[1] - offsets[0]}"
+            )
+        tensors[name] = TensorInfo(str(dtype), tuple(shape))
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise bad(f"the data of {name[:80]!r} overlaps another tensor or leaves a gap")
+        end = stop
+    if end != data_size:
+        raise bad(f"its tensors hold {end} bytes but the file has {data_size} (truncated or padded)")
+    return tensors
+
+
+def load_state_file(path: str | Path, check: HeaderCheck | None = None) -> dict[str, Any]:
+    """Tensors from a ``.safetensors`` file, or a tensors-only ``.pth`` (never an arbitrary pickle).
+
+    ``check`` sees what the file declares (names, dtypes, shapes) and may refuse it; for safetensors that
+    happens before any tensor is read, so an oversized or misshapen file costs no memory."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
+        declared = read_safetensors_header(path)
+        if check is not None:
+            check(declared)
         try:
-            return dict(load_file(str(path), device="cpu"))
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - not a dict
         except (SafetensorError, OSError, ValueError) as e:
             raise WeightsError(f"{path.name} is not a valid safetensors file: {e}") from None
     if path.suffix in (".pth", ".pt", ".bin"):
@@ -225,8 +336,31 @@ def load_state_file(path: str | Path) -> dict[str, Any]:
             ) from None
         except Exception as e:
             raise WeightsError(f"{path.name} is not a readable torch file: {type(e).__name__}") from None
-        return _unwrap_state_dict(obj, path)
+        state = _unwrap_state_dict(obj, path)
+        if check is not None:
+            check({k: TensorInfo(_dtype_name(v.dtype), tuple(v.shape)) for k, v in state.items()})
+        return state
     raise WeightsError(f"{path.name}: weights must be a .safetensors file (or a tensors-only .pth)")
+
+
+_TORCH_DTYPE_NAMES = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "int32": "I32",
+    "int64": "I64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """A torch dtype by its safetensors name (``torch.float32`` -> ``F32``)."""
+    name = str(dtype).removeprefix("torch.")
+    return _TORCH_DTYPE_NAMES.get(name, name.upper())
 
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Any]:
