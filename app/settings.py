@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     max_upload_files: int = Field(50_000, description="most files in one folder upload")
     max_archive_entries: int = 100_000
     max_extracted_bytes: int = Field(8 * 1024**3, description="most bytes a dataset zip may expand to")
+    max_compression_ratio: float = Field(
+        200.0, description="most a zip entry may expand over its compressed size (images hardly compress; bombs do)"
+    )
     max_image_pixels: int = 89_478_485
 
     # Prediction

@@ -22,7 +22,7 @@ from app.db.tables import Dataset, Job, JobMetric, Model
 from app.jobs import state
 from app.jobs.lifetime import die_with_parent
 from app.jobs.settings_env import settings_from_env
-from app.services.datasets import dataset_images_root
+from app.services.datasets import dataset_images_folder
 from app.settings import Settings
 from app.storage import Storage
 from finetune.config import TrainConfig
@@ -169,7 +169,8 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
             raise InputError("the job's dataset was deleted")
         config = TrainConfig(
             **job_config,
-            data=str(dataset_images_root(storage, dataset)),
+            # The uploaded folder itself (the engine finds the same root in it), so its names file is read.
+            data=str(dataset_images_folder(storage, dataset)),
             out=str(run_dir),
             cache_dir=str(settings.cache_dir),
             weights_dir=str(settings.weights_dir) if settings.weights_dir else None,

@@ -46,18 +46,26 @@ class CheckedDataset:
 
 
 def check_upload(received: ReceivedUpload, temp: Path, settings: Settings) -> CheckedDataset:
-    """Blocking: extract (zip) or arrange (files) under ``temp/images`` and run the engine's check."""
+    """Blocking: extract (zip) or arrange (files) under ``temp/images`` and run the engine's check.
+
+    Files are stored under generated names (``received.names``: cleaned folders, a counter per file), never
+    their own; the originals go to the folder's names file, and the engine's report shows them."""
     images = temp / IMAGES_DIR
     if received.archive is not None:
-        limits = ArchiveLimits(max_entries=settings.max_archive_entries, max_total_bytes=settings.max_extracted_bytes)
-        extract_zip(received.archive, images, limits, display_name=received.archive_name)
+        limits = ArchiveLimits(
+            max_entries=settings.max_archive_entries,
+            max_total_bytes=settings.max_extracted_bytes,
+            max_ratio=settings.max_compression_ratio,
+        )
+        extract_zip(received.archive, images, limits, display_name=received.archive_name, rename=received.names)
         received.archive.unlink()
     else:
         images.mkdir()
-        for rel, path in received.files:
-            target = images.joinpath(*rel.parts)
+        for stored, path in received.files:  # stored paths come from received.names, never from the client
+            target = images.joinpath(*stored.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
+        received.names.write(images)
     shutil.rmtree(temp / "incoming", ignore_errors=True)
     dataset = load_dataset(
         images,
@@ -102,6 +110,11 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in report.items() if k != "files"}
 
 
+def dataset_images_folder(storage: Storage, dataset: Dataset) -> Path:
+    """The images folder as uploaded (with its names file): what the engine is given to train on."""
+    return storage.path(dataset.storage_key) / IMAGES_DIR
+
+
 def dataset_images_root(storage: Storage, dataset: Dataset) -> Path:
     """The folder the engine reads (the images folder, or the wrapper folder inside it)."""
     root = storage.path(dataset.storage_key) / IMAGES_DIR
@@ -142,7 +155,8 @@ def thumbnail(storage: Storage, dataset: Dataset, index: int) -> bytes:
     files = full_report(storage, dataset).get("files", [])
     if not 0 <= index < len(files):
         raise not_found("image", str(index))
-    path = dataset_images_root(storage, dataset) / files[index]["path"]
+    # "stored" is where a renamed file is ("path" is the user's name for it); older reports have only "path".
+    path = dataset_images_root(storage, dataset) / files[index].get("stored", files[index]["path"])
     img = open_image(path)
     img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
     out = io.BytesIO()

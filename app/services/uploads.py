@@ -8,8 +8,10 @@ Accepted bodies:
   the dataset.
 - ``application/zip`` (or ``application/octet-stream``): the body is the zip.
 
-Nothing from the user becomes a path before ``finetune.archive.safe_member_path`` has checked it; parts
-are first written under numbered names in a temporary folder.
+A user's file name never becomes a path: parts are first written under numbered names in a temporary
+folder, each relative path is checked by ``finetune.archive.safe_member_path``, and the file is then
+stored under the name ``finetune.archive.StoredNames`` generates (cleaned folder names, a counter for the
+file), which also keeps the original name for the report.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.errors import ApiError
-from finetune.archive import is_junk, safe_member_path
+from finetune.archive import StoredNames, is_junk, safe_member_path
 from finetune.errors import UnsafeArchiveError
 
 _MAX_TEXT_FIELD = 4096
@@ -40,7 +42,8 @@ class ReceivedUpload:
     name: str | None = None
     archive: Path | None = None
     archive_name: str = "the uploaded zip"  # for messages: the client's file name, never used as a path
-    files: list[tuple[PurePosixPath, Path]] = field(default_factory=list)  # (relative path, where it is now)
+    files: list[tuple[PurePosixPath, Path]] = field(default_factory=list)  # (stored path, where it is now)
+    names: StoredNames = field(default_factory=StoredNames)  # stored paths and the originals they came from
 
 
 def too_large(limit: int) -> ApiError:
@@ -232,5 +235,9 @@ def _assemble(sink: _MultipartSink) -> ReceivedUpload:
         if rel in seen:
             raise ApiError(400, "duplicate_path", f"the path {str(rel)!r} appears twice in the upload")
         seen.add(rel)
-        received.files.append((rel, path))
+        try:
+            stored = received.names(rel)
+        except UnsafeArchiveError as e:
+            raise ApiError(400, "unsafe_path", str(e)) from None
+        received.files.append((stored, path))
     return received

@@ -80,9 +80,13 @@ def test_create_from_zip_reports_classes_splits_skips_and_duplicates(client: Tes
     assert {"duplicates", "skipped_files", "small_class"} <= codes
     assert report["root"] == "."
     assert "/" not in report["root"] and str(settings.data_dir) not in r.text  # no server paths leak
-    # the images are in place under the dataset's own folder
+    # the images are in place under the dataset's own folder, under generated names (the report maps them)
     images = settings.data_dir / "datasets" / ds["id"] / "images"
-    assert (images / "red" / "copy-of-0.png").is_file()
+    files = {f["path"]: f for f in client.get(f"{API}/{ds['id']}/report").json()["files"]}
+    copy = files["red/copy-of-0.png"]
+    assert copy["class"] == "red" and copy["stored"].startswith("red/")
+    assert (images / copy["stored"]).read_bytes() == with_extras()["red/copy-of-0.png"]
+    assert not (images / "red" / "copy-of-0.png").exists()
     assert not (images / "__MACOSX").exists() and not (images / "blue" / ".DS_Store").exists()
     assert [p for p in stored_files(settings) if p.startswith("tmp")] == []
     assert count_rows(settings, "datasets") == 1
@@ -100,8 +104,10 @@ def test_create_from_files_with_relative_paths(client: TestClient, settings: Set
     assert ds["classes"] == ["blue", "green", "red"]
     assert ds["num_images"] == 15
     assert ds["report"]["skipped"] == []
-    for rel in files:
-        assert (settings.data_dir / "datasets" / ds["id"] / "images" / rel).is_file()
+    report = client.get(f"{API}/{ds['id']}/report").json()
+    assert {f["path"] for f in report["files"]} == set(files)
+    for f in report["files"]:
+        assert (settings.data_dir / "datasets" / ds["id"] / "images" / f["stored"]).read_bytes() == files[f["path"]]
 
 
 def test_create_from_files_named_by_their_filenames(client: TestClient) -> None:
