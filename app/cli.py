@@ -17,6 +17,7 @@ import threading
 import time
 
 from app.jobs.lifetime import PARENT_PID_ENV
+from app.security import InsecureDependencyError, check_dependencies
 from app.settings import Settings, get_settings
 
 log = logging.getLogger("app.cli")
@@ -58,6 +59,7 @@ class WorkerSupervisor:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    check_dependencies()
     import uvicorn
 
     from app.db.migrate import upgrade
@@ -153,6 +155,7 @@ def cmd_users(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    check_dependencies()
     from app.jobs.worker import run_worker
 
     run_worker(get_settings())
@@ -199,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     commands = {"serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate, "users": cmd_users}
-    return commands[args.command](args)
+    try:
+        return commands[args.command](args)
+    except InsecureDependencyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
 from app.observability import Metrics, MetricsMiddleware
 from app.pages import routes as pages
+from app.security import check_dependencies
 from app.services.ratelimit import RateLimits
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
@@ -24,6 +25,7 @@ API_PREFIX = "/api/v1"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    check_dependencies()  # refuses versions with known vulnerabilities in the upload/decode/load paths
     settings = settings or get_settings()
 
     @asynccontextmanager
