@@ -134,7 +134,12 @@ def get_thumbnail(dataset_id: str, index: int, session: SessionDep, storage: Sto
     return Response(
         data,
         media_type="image/jpeg",
-        headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
+        headers={
+            "Cache-Control": "private, max-age=86400",
+            "X-Content-Type-Options": "nosniff",
+            # Built from the row's id, never a user's name; <img> still shows it, a direct visit saves it.
+            "Content-Disposition": f'attachment; filename="thumbnail-{dataset.id}-{index}.jpg"',
+        },
     )
 
 
