@@ -130,7 +130,8 @@ def get_report(dataset_id: str, session: SessionDep, storage: StorageDep, user: 
     responses={200: {"content": {"image/jpeg": {}}}},
 )
 def get_thumbnail(dataset_id: str, index: int, session: SessionDep, storage: StorageDep, user: CurrentUser) -> Response:
-    data = svc.thumbnail(storage, svc.get_owned(session, user, dataset_id), index)
+    dataset = svc.get_owned(session, user, dataset_id)
+    data = svc.thumbnail(storage, dataset, index)
     return Response(
         data,
         media_type="image/jpeg",
