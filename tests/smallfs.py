@@ -6,6 +6,7 @@ and the engine's injected-failure tests still cover the code path.
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
@@ -43,11 +44,17 @@ def free_bytes(path: Path) -> int:
 def fill(path: Path, leave: int = 0) -> None:
     """Take the free space of the filesystem at ``path``, all but ``leave`` bytes, with one filler file (grown
     on each call, so calling it again takes back what was freed since)."""
-    extra = free_bytes(path) - leave
-    if extra <= 0:
-        return
     with open(path / FILLER, "ab") as f:
-        os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, extra)
+        for _ in range(10):
+            extra = free_bytes(path) - leave
+            if extra <= 0:
+                return
+            try:
+                os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, extra)
+                return
+            except OSError as e:  # someone else wrote meanwhile: measure again
+                if e.errno != errno.ENOSPC:
+                    raise
 
 
 def free_space(path: Path) -> None:

@@ -8,11 +8,15 @@ process that touches CUDA; it dies with the worker that started it.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 import signal
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete
@@ -178,6 +182,7 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
         if (run_dir / "run.json").exists():
             result = resume(run_dir, [reporter], reporter.should_stop)
         else:
+            _clear_unstarted(run_dir)
             result = train(config, [reporter], reporter.should_stop)
     except (Cancelled, Superseded):
         with session_scope(settings.db_url) as s:
@@ -211,6 +216,15 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
     return 0
 
 
+def _clear_unstarted(run_dir: Path) -> None:
+    """An attempt killed before its run started (no run.json yet) can leave files behind (dataset.json, a
+    temporary file). Nothing there is worth keeping, and the engine refuses a non-empty folder for a new run:
+    without this, such a job could never run again."""
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        log.info("clearing %s, left by an attempt that stopped before its run started", run_dir)
+        shutil.rmtree(run_dir)
+
+
 def _model_name(dataset_name: str, arch: str) -> str:
     """The model's name, "<dataset> · <arch>", its dataset part cut to fit the column (PostgreSQL enforces it)."""
     suffix = f" · {arch}"
@@ -219,7 +233,7 @@ def _model_name(dataset_name: str, arch: str) -> str:
 
 
 def _explain_failure(e: Exception, detail: str) -> str:
-    if isinstance(e, OSError) and e.errno == 28:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the disk is full: the last good checkpoint is kept; free space and resume the job"
     return detail[:2000]
 
@@ -232,6 +246,9 @@ def _fail(settings: Settings, job_id: str, attempt: int, message: str, code: str
 def main(argv: list[str]) -> int:
     job_id, attempt, parent_pid = argv[0], int(argv[1]), int(argv[2])
     die_with_parent(parent_pid)  # the job dies with its worker
+    # Training takes every core it is given; at a lower priority it still does when they are idle, but the API
+    # (same machine, often the same container) keeps answering predictions and health checks while it runs.
+    os.nice(10)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM from the worker (a cancel past its grace period) ends the run like a cancel would.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
