@@ -114,8 +114,9 @@ def test_engine_rules_are_422_with_the_engine_message(client: TestClient, datase
     assert count_rows(settings, "jobs") == 0
 
 
-def test_unknown_setting_and_server_owned_settings_are_refused(client: TestClient, dataset: dict) -> None:
-    for field, value in [("colour", "red"), ("device", "cuda"), ("data", "/etc"), ("out", "/tmp/x")]:
+def test_unknown_setting_is_refused(client: TestClient, dataset: dict) -> None:
+    # Server-owned settings (device, data, out...) are dropped instead: test_ignored_fields.py.
+    for field, value in [("colour", "red"), ("devices", "cuda"), ("outdir", "/tmp/x")]:
         error = assert_error(client.post(API, json={"dataset_id": dataset["id"], **TINY, field: value}), 422)
         assert field in error["message"]
     assert_error(client.post(API, json={**TINY}), 422, "invalid")  # no dataset_id
