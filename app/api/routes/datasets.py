@@ -11,6 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
+from app.api.types import UtcDateTime
 from app.db.tables import Dataset
 from app.services import datasets as svc
 from app.services.uploads import UploadLimits, receive_upload
@@ -28,7 +29,7 @@ class DatasetOut(BaseModel):
     num_classes: int
     classes: list[str]
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
     report: dict[str, Any]
     thumbnails: dict[str, list[str]] | None = None
 

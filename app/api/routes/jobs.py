@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -14,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
+from app.api.types import UtcDateTime
 from app.db.tables import FINISHED_STATUSES, JOB_STATUSES, Job, JobMetric
 from app.services import datasets as dataset_svc
 from app.services import jobs as svc
@@ -56,9 +56,9 @@ class JobOut(BaseModel):
     error: str | None
     error_code: str | None
     cancel_requested: bool
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcDateTime
+    started_at: UtcDateTime | None
+    finished_at: UtcDateTime | None
     model_id: str | None = None
     metrics: list[MetricOut] | None = None
 

@@ -4,7 +4,6 @@ checkpoint bundle, delete. Prediction is in ``predict.py``."""
 from __future__ import annotations
 
 import shutil
-from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -14,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from app.api.deps import CurrentUser, SessionDep, StorageDep
+from app.api.types import UtcDateTime
 from app.db.tables import Model
 from app.services import models as svc
 from app.serving.cache import ModelCache
@@ -64,7 +64,7 @@ class ModelSummary(BaseModel):
     classes: list[str]
     job_id: str | None
     size_bytes: int
-    created_at: datetime
+    created_at: UtcDateTime
     best_epoch: int | None = Field(default=None, description="the epoch of the checkpoint that is served")
     val_top1: float | None = None
     test_top1: float | None = None
