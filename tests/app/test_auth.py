@@ -342,10 +342,10 @@ def test_cookie_requests_that_change_state_need_the_csrf_token(
         dataset = upload_zip(api, dataset_files(per_class=4))
     token = csrf_token_of(c)
     job = {"dataset_id": dataset["id"], "model": "lenet", "weights": "none", "epochs": 1}
-    upload = {"files": {"archive": ("d.zip", zip_bytes(dataset_files(per_class=4)))}, "data": {"name": "x"}}
+    archive = {"archive": ("d.zip", zip_bytes(dataset_files(per_class=4)))}
     for headers in ({}, {CSRF_HEADER: "wrong"}, {CSRF_HEADER: ""}, {CSRF_HEADER: token + "x"}):
         assert_error(c.post("/api/v1/jobs", json=job, headers=headers), 403, "csrf")
-        assert_error(c.post("/api/v1/datasets", headers=headers, **upload), 403, "csrf")  # type: ignore[arg-type]
+        assert_error(c.post("/api/v1/datasets", headers=headers, files=archive), 403, "csrf")
         assert_error(c.delete(f"/api/v1/datasets/{dataset['id']}", headers=headers), 403, "csrf")
     assert c.get("/api/v1/jobs").json() == []
     assert [d["id"] for d in c.get("/api/v1/datasets").json()] == [dataset["id"]]
@@ -360,7 +360,7 @@ def test_cookie_requests_that_change_state_need_the_csrf_token(
     assert c.delete(f"/api/v1/jobs/{job_id}", headers=good).status_code == 204
     assert c.delete(f"/api/v1/datasets/{dataset['id']}", headers=good).status_code == 204
     assert c.get("/api/v1/datasets").json() == []
-    r = c.post("/api/v1/datasets", headers=good, **upload)  # type: ignore[arg-type]
+    r = c.post("/api/v1/datasets", headers=good, files=archive)
     assert r.status_code == 201, r.text
 
 
