@@ -92,6 +92,11 @@ def get_current_user(request: Request, session: Annotated[Session, Depends(get_s
             "authentication required: send `Authorization: Bearer <api key>`",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    # Give the connection back to the pool now (the session opens another when the handler queries): a
+    # handler that then awaits (a body, a forward pass) must not hold one meanwhile. With more requests in
+    # flight than connections, the requests waiting for one would take every threadpool thread, and those
+    # holding one could not get a thread to finish: requests failed after the pool's 30 s timeout.
+    session.commit()
     return user
 
 

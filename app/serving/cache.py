@@ -55,6 +55,21 @@ def configure_cpu_threads() -> None:
             torch.set_num_threads(max(1, usable))
 
 
+FORWARD_NICE = 5
+
+
+def lower_thread_priority(increment: int = FORWARD_NICE) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread, and the OpenMP threads a thread
+    starts inherit it). The forward thread uses every core; at nice 5 it still gets them when nothing else
+    wants them, but the event loop thread (nice 0) is scheduled first, so health checks, uploads and other
+    requests keep being answered under full prediction load. Training runs at nice 10, below both."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + increment)
+    except (AttributeError, OSError):  # not on Linux, or not allowed: run at the normal priority
+        log.debug("could not lower the forward thread's priority", exc_info=True)
+
+
 @dataclass
 class LoadedModel:
     model_id: str
@@ -142,7 +157,9 @@ class ModelCache:
 
     def _forward_executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-forward")
+            self._executor = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="predict-forward", initializer=lower_thread_priority
+            )
         return self._executor
 
     def _load_blocking(self, run_dir: Path) -> Predictor:

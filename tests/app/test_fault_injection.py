@@ -207,12 +207,17 @@ def wait_for_kill_point(rng: random.Random, settings: Settings, job_id: str) -> 
     return f"{extra:.2f}s after epoch {epoch} ended"
 
 
+def nice_of(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def kill_and_restart(target: str, job_id: str, serve: Serve) -> str:
     """kill -9 ``target`` now and restart it the way it is restarted in production; returns what was done."""
     if target == "child":
         pids = job_processes(job_id)
         if not pids:
             return "nothing to kill: the job process had already exited"
+        assert nice_of(pids[0]) == 10  # training yields the CPU to the API
         os.kill(pids[0], signal.SIGKILL)  # the worker lives on and records that its job process died
         wait_gone(job_id)
         return f"killed job process {pids[0]}"
