@@ -110,6 +110,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
             f"predict (model loaded on demand) after **{s['seconds_to_first_predict']:.1f} s**.",
             "",
         ]
+    if "load" in results:
+        lines += _load_lines(results["load"])
     gpu = results.get("gpu")
     lines += ["## GPU", ""]
     if gpu:
@@ -122,3 +124,34 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _load_lines(r: dict[str, Any]) -> list[str]:
+    """The "Load" section, from ``python -m bench.load`` (bench/load.py)."""
+    p, h, m, t = r["predict"], r["healthz"], r["rss_mb"], r["training"]
+    during = h["during_uploads"]["p99_ms"]
+    uploads = ", ".join(f"{u['seconds']:.1f} s (HTTP {u['status']})" for u in r["uploads"])
+    return [
+        f"## Load: {r['title'][len('load: ') :]}",
+        "",
+        f"`python -m bench.load{' --quick' if r['quick'] else ''}`: the real service (`serve`, loopback) with "
+        f"{r['model']}; load average before the run {', '.join(f'{x:.2f}' for x in r['loadavg_before'])}.",
+        "",
+        "| | figure |",
+        "|---|---|",
+        f"| predict requests / errors | {p['requests']} / **{p['errors']}** |",
+        f"| predict req/s | {p['rps']:.1f} |",
+        f"| predict p50 / p99 latency, ms | {p['p50_ms']:.0f} / {p['p99_ms']:.0f} |",
+        f"| `/healthz` every 100 ms: polls / errors | {h['polls']} / {h['errors']} |",
+        f"| `/healthz` p50 / p99 / max, ms | {h['p50_ms']:.1f} / **{h['p99_ms']:.1f}** / {h['max_ms']:.1f} |",
+        f"| `/healthz` p99 while the uploads ran, ms | {'–' if during is None else f'{during:.1f}'} |",
+        f"| {len(r['uploads'])} concurrent uploads of {r['upload_images']} images ({r['upload_mb']} MB) | {uploads} |",
+        f"| API process RSS: idle / load start / end / peak, MB | {r['rss_idle_mb']:.0f} / {m['start']:.0f} / "
+        f"{m['end']:.0f} / {m['peak']:.0f} |",
+        f"| API RSS peak in the first / second half, MB | {m['peak_first_half']:.0f} / {m['peak_second_half']:.0f} |",
+        f"| training job during the load | epoch {t['epoch_before']} → {t['epoch_after']}, progress "
+        f"{t['progress_before']:.3f} → {t['progress_after']:.3f} ({'kept progressing' if t['kept_progressing'] else 'stalled'}) |",
+        "",
+        f"Target: `/healthz` {_met(h['target'])}.",
+        "",
+    ]
