@@ -135,7 +135,9 @@ def _load_lines(r: dict[str, Any]) -> list[str]:
         f"## Load: {r['title'][len('load: ') :]}",
         "",
         f"`python -m bench.load{' --quick' if r['quick'] else ''}`: the real service (`serve`, loopback) with "
-        f"{r['model']}; load average before the run {', '.join(f'{x:.2f}' for x in r['loadavg_before'])}.",
+        f"{r['model']}; load average (1, 5, 15 min) before the run {', '.join(f'{x:.2f}' for x in r['loadavg_before'])}, "
+        f"after it (its own processes included) {', '.join(f'{x:.2f}' for x in r.get('loadavg_after', []))}. "
+        f"The clients send back to back, so predict latency is mostly the queue: clients / requests per second.",
         "",
         "| | figure |",
         "|---|---|",
