@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, ImageDraw
 
 from finetune.config import TrainConfig
@@ -153,8 +154,16 @@ class Trained:
 
 
 def run_training(config: TrainConfig) -> Trained:
-    events: list[Event] = []
-    result = train(config, [events.append])
+    # One intra-op thread, like the tests that compare against this run (conftest's _one_torch_thread):
+    # session fixtures are built before that package fixture applies, and float sums reduced over a
+    # different number of threads differ in the last bit, which breaks the bit-exact resume checks.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        events: list[Event] = []
+        result = train(config, [events.append])
+    finally:
+        torch.set_num_threads(before)
     return Trained(config, result, events)
 
 
