@@ -9,11 +9,13 @@ from typing import Any
 import httpx
 
 
-async def _run(url: str, field: str, image: bytes, concurrency: int, duration: float, warmup: float) -> dict[str, Any]:
+async def _run(
+    url: str, field: str, image: bytes, concurrency: int, duration: float, warmup: float, headers: dict[str, str]
+) -> dict[str, Any]:
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60.0, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=60.0, limits=limits, headers=headers) as client:
         start = time.perf_counter()
         measure_from = start + warmup
         stop_at = measure_from + duration
@@ -53,6 +55,13 @@ async def _run(url: str, field: str, image: bytes, concurrency: int, duration: f
 
 
 def run_load(
-    url: str, field: str, image: bytes, *, concurrency: int, duration: float, warmup: float = 2.0
+    url: str,
+    field: str,
+    image: bytes,
+    *,
+    concurrency: int,
+    duration: float,
+    warmup: float = 2.0,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    return asyncio.run(_run(url, field, image, concurrency, duration, warmup))
+    return asyncio.run(_run(url, field, image, concurrency, duration, warmup, headers or {}))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import random
 import re
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,19 +21,39 @@ from typing import Any
 
 import httpx
 
-from bench.common import free_port, ratio, start_process, stop_process, wait_http
+from bench.common import ROOT, free_port, ratio, start_process, stop_process, wait_http
 from bench.data import make_photo, make_zip
 from bench.loadgen import run_load
 
 
 def _service_env(data: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
-    env.update({"FINETUNE_DATA_DIR": str(data), "FINETUNE_LOG_LEVEL": "WARNING"})
+    env.update(
+        {
+            "FINETUNE_DATA_DIR": str(data),
+            "FINETUNE_LOG_LEVEL": "WARNING",
+            # One user sends every request here: the per-user predict limit would answer 429.
+            "FINETUNE_RATE_LIMIT_PREDICT_PER_MINUTE": "0",
+        }
+    )
     return env
 
 
-def _batch_histogram(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=10).text
+def _admin_key(env: dict[str, str]) -> str:
+    """Migrate the new data folder and create an admin: its API key authorises every benchmark request."""
+    run = [sys.executable, "-m", "app.cli"]
+    subprocess.run([*run, "migrate"], env=env, cwd=ROOT, check=True, capture_output=True)
+    out = subprocess.run(
+        [*run, "users", "create", "bench", "--admin"], env=env, cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    keys = [line.strip() for line in out.splitlines() if line.strip().startswith("ft_")]
+    if not keys:
+        raise RuntimeError(f"`users create` printed no API key: {out!r}")
+    return keys[-1]
+
+
+def _batch_histogram(base: str, auth: dict[str, str]) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics", headers=auth, timeout=10).text
     buckets: dict[str, float] = {}
     total = count = 0.0
     for line in text.splitlines():
@@ -57,7 +79,7 @@ def _batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
     }
 
 
-def _train_model(base: str, work: Path, log: Any) -> tuple[str, str]:
+def _train_model(base: str, auth: dict[str, str], work: Path, log: Any) -> tuple[str, str]:
     """A resnet18 (random init, 1 epoch at 224 px) trained through the API; returns (model id, job id)."""
     from bench.data import make_dataset
 
@@ -73,17 +95,19 @@ def _train_model(base: str, work: Path, log: Any) -> tuple[str, str]:
         f"{base}/api/v1/datasets",
         files={"archive": ("small.zip", buf.getvalue())},
         data={"name": "bench-small"},
+        headers=auth,
         timeout=300,
     )
     r.raise_for_status()
     job = httpx.post(
         f"{base}/api/v1/jobs",
         json={"dataset_id": r.json()["id"], "model": "resnet18", "weights": "none", "epochs": 1},
+        headers=auth,
         timeout=30,
     ).json()
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        j = httpx.get(f"{base}/api/v1/jobs/{job['id']}", timeout=10).json()
+        j = httpx.get(f"{base}/api/v1/jobs/{job['id']}", headers=auth, timeout=10).json()
         if j["status"] in ("succeeded", "failed", "cancelled"):
             if j["status"] != "succeeded":
                 raise RuntimeError(f"benchmark model training failed: {j.get('error')}")
@@ -101,6 +125,7 @@ def service(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     results: dict[str, Any] = {}
+    auth = {"Authorization": f"Bearer {_admin_key(env)}"}
     proc = start_process(["-m", "app.cli", "serve", "--port", str(port)], env, work / "logs" / "serve.log")
     try:
         wait_http(f"{base}/healthz")
@@ -110,7 +135,7 @@ def service(
         r = httpx.post(
             f"{base}/api/v1/datasets",
             content=archive.read_bytes(),
-            headers={"Content-Type": "application/zip"},
+            headers={"Content-Type": "application/zip", **auth},
             params={"name": "ingest"},
             timeout=1800,
         )
@@ -124,7 +149,7 @@ def service(
             "zip_mb": archive.stat().st_size / 1e6,
         }
         log(f"  ingest: {results['ingest']['images_per_sec']:.0f} images/s ({elapsed:.1f}s)")
-        model_id, job_id = _train_model(base, work, log)
+        model_id, job_id = _train_model(base, auth, work, log)
     finally:
         stop_process(proc)
 
@@ -139,7 +164,10 @@ def service(
         while True:
             try:
                 r = httpx.post(
-                    f"{base}/api/v1/models/{model_id}/predict", files={"images": ("a.jpg", image)}, timeout=60
+                    f"{base}/api/v1/models/{model_id}/predict",
+                    files={"images": ("a.jpg", image)},
+                    headers=auth,
+                    timeout=60,
                 )
                 if r.status_code == 200:
                     break
@@ -173,9 +201,11 @@ def service(
                 row: dict[str, Any] = {"concurrency": c}
                 for arm in arms:
                     if arm == "ours":
-                        before = _batch_histogram(base)
-                        row["ours"] = run_load(ours_url, "images", data_bytes, concurrency=c, duration=durations)
-                        row["ours"]["batches"] = _batch_delta(before, _batch_histogram(base))
+                        before = _batch_histogram(base, auth)
+                        row["ours"] = run_load(
+                            ours_url, "images", data_bytes, concurrency=c, duration=durations, headers=auth
+                        )
+                        row["ours"]["batches"] = _batch_delta(before, _batch_histogram(base, auth))
                     else:
                         row["naive"] = run_load(naive_url, "file", data_bytes, concurrency=c, duration=durations)
                 row["rps_ratio"] = ratio(row["ours"]["rps"], row["naive"]["rps"])
