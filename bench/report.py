@@ -74,7 +74,14 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
                     f"{_s(r['ours']['time_to_accuracy'])} | {_s(r['reference']['time_to_accuracy'])} | "
                     f"**{r['ratios']['time_to_accuracy']:.1f}x** |"
                 )
-            lines += ["", "Targets: " + "; ".join(f"{k} {_met(v)}" for k, v in r["targets"].items()) + ".", ""]
+            lines += ["", "Targets: " + "; ".join(f"{k} {_met(v)}" for k, v in r["targets"].items()) + "."]
+            if r.get("backbone_val_acc") is not None:
+                lines.append(
+                    f"Both arms start from the same backbone, pretrained here on the six other shapes to "
+                    f"{r['backbone_val_acc']:.3f} val accuracy (chance 0.167); the benchmark task has 4 classes "
+                    "(chance 0.25)."
+                )
+            lines.append("")
     svc = results.get("service", {})
     for p in svc.get("predict", []):
         lines += [
@@ -112,6 +119,19 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         ]
     if "load" in results:
         lines += _load_lines(results["load"])
+    seconds = results.get("seconds", {})
+    lines += [
+        "## Reproducing",
+        "",
+        "- `make bench` (`python -m bench all`): everything above except Load and GPU"
+        + (f"; this run took {seconds['all'] / 60:.1f} min" if "all" in seconds else "")
+        + ", pretraining the backbones included (they are cached in `bench/out/work` for later runs).",
+        "- `python -m bench full|frozen|pipeline|service [--repeats N]`: one benchmark; its figures replace that",
+        "  part of `bench/out/results.json` and the report is written again from all of it.",
+        "- `python -m bench ... --data FOLDER`: the training and pipeline benchmarks on your own `train/` `val/` folder.",
+        "- `python -m bench.load`: the Load section; `bench/gpu.sh` on a CUDA machine: the GPU section.",
+        "",
+    ]
     gpu = results.get("gpu")
     lines += ["## GPU", ""]
     if gpu:
