@@ -62,7 +62,11 @@ class TrainConfig:
     )
     optimizer: str = _f("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float | None = _f(
-        None, "learning rate of the new head (default: 1e-3 for adam/adamw/rmsprop, 1e-2 for sgd)", min=1e-7, max=10.0
+        None,
+        "learning rate of the new head (default: 1e-3 for adam/adamw/rmsprop, 1e-2 for sgd; 10x that when "
+        "the head trains alone on cached features: frozen, and two-stage's first stage)",
+        min=1e-7,
+        max=10.0,
     )
     backbone_lr_mult: float | None = _f(
         None,
@@ -154,6 +158,15 @@ class TrainConfig:
         if self.lr is not None:
             return self.lr
         return 1e-2 if self.optimizer == "sgd" else 1e-3
+
+    def resolved_head_lr(self) -> float:
+        """The rate of a head trained alone on cached features. A linear layer on fixed features takes a
+        higher rate than a network being fine-tuned: at 1e-3 (AdamW), 10 epochs left a resnet18 head
+        under-trained (0.65 val accuracy in bench's frozen benchmark against 0.71 at 1e-2, and 0.69 for the
+        tutorial's fixed-feature extractor, which takes 8x as many optimizer steps at batch 4)."""
+        if self.lr is not None:
+            return self.lr
+        return 10 * self.resolved_lr()
 
     def resolved_backbone_lr_mult(self) -> float:
         if self.backbone_lr_mult is not None:

@@ -497,7 +497,7 @@ class _Run:
         x_train, y_train = feats["train"], self.train_images.labels.to(self.device)
         x_val, y_val = feats["val"], self.val_images.labels.to(self.device)
         head = head_module(self.model, c.model)
-        lr = c.resolved_lr()
+        lr = c.resolved_head_lr()
         optimizer = _make_optimizer(c, _decay_groups([list(head.parameters())], [lr], c.weight_decay))
         steps_per_epoch = math.ceil(len(x_train) / c.batch_size)
         scheduler = _make_scheduler(c, optimizer, steps_per_epoch, stage.epochs)

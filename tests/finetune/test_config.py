@@ -19,6 +19,8 @@ def test_defaults_are_valid() -> None:
     assert c.resolved_strategy() == "two-stage" and c.resolved_lr() == 1e-3
     assert valid(weights="none").resolved_strategy() == "full"
     assert valid(optimizer="sgd").resolved_lr() == 1e-2
+    assert valid().resolved_head_lr() == 1e-2 and valid(optimizer="sgd").resolved_head_lr() == 1e-1
+    assert valid(lr=5e-4).resolved_head_lr() == 5e-4  # a rate the user sets is used as it is
     assert valid(weights="none").resolved_backbone_lr_mult() == 1.0
 
 
