@@ -28,6 +28,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# Modules this script may import beyond the standard library: what a bare CUDA machine has (tested by
+# tests/test_bench_gpu_smoke.py, which runs it on the CPU with everything else hidden).
+ALLOWED_DISTRIBUTIONS = ("torch", "torchvision", "numpy", "pillow")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def amp(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; on a CPU (the smoke check) fp32, which is faster there."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 # Dense bf16 peak of the cards we are likely to meet (tensor cores, no sparsity).
 PEAK_BF16_TFLOPS = {
     "H200": 989.0,
@@ -62,7 +77,15 @@ def make_images(root: Path, n: int, classes: int = 10) -> Path:
 
 
 def ours(
-    arch: str, data: Path, cache: Path, device: torch.device, *, batch: int, seconds: float, compile_model: bool
+    arch: str,
+    data: Path,
+    cache: Path,
+    device: torch.device,
+    *,
+    batch: int,
+    seconds: float,
+    compile_model: bool,
+    warmup: int = 15,
 ) -> dict[str, Any]:
     from finetune.dataset import Sample
     from finetune.images import decode_for_size
@@ -86,12 +109,12 @@ def ours(
     images = CachedImages(pixels, samples)
     model = built.model.to(device).to(memory_format=torch.channels_last).train()
     step_model = torch.compile(model) if compile_model else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     augment = TrainAugment(prep, device, channels_last=True)
     gen = torch.Generator().manual_seed(0)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with amp(device):
             logits, aux = forward_logits(step_model, x)  # type: ignore[arg-type]
             loss = F.cross_entropy(logits, y) + 0.3 * sum(
                 (F.cross_entropy(a, y) for a in aux), torch.zeros((), device=device)
@@ -106,20 +129,20 @@ def ours(
     while True:
         for x, y in augment.batches(images, batches(len(images), batch, generator=gen, drop_last=True), gen):
             step(x, y)
-            if warm < 15:  # compile, cudnn autotune, allocator warm-up
+            if warm < warmup:  # compile, cudnn autotune, allocator warm-up
                 warm += 1
-                if warm == 15:
-                    torch.cuda.synchronize()
+                if warm == warmup:
+                    sync(device)
                     start = time.perf_counter()
                 continue
             n += batch
             if start is not None and time.perf_counter() - start > seconds:
-                torch.cuda.synchronize()
+                sync(device)
                 elapsed = time.perf_counter() - start
                 return {"images_per_sec": n / elapsed, "batch": batch, "compiled": compile_model}
 
 
-def tutorial(arch: str, data: Path, device: torch.device, *, seconds: float) -> dict[str, Any]:
+def tutorial(arch: str, data: Path, device: torch.device, *, seconds: float, warmup: int = 10) -> dict[str, Any]:
     from torchvision import datasets
 
     from bench.reference import build_reference_model, tutorial_transforms
@@ -137,15 +160,15 @@ def tutorial(arch: str, data: Path, device: torch.device, *, seconds: float) -> 
             out = out.logits if hasattr(out, "logits") else out
             F.cross_entropy(out, y).backward()
             opt.step()
-            if warm < 10:
+            if warm < warmup:
                 warm += 1
-                if warm == 10:
-                    torch.cuda.synchronize()
+                if warm == warmup:
+                    sync(device)
                     start = time.perf_counter()
                 continue
             n += x.shape[0]
             if start is not None and time.perf_counter() - start > seconds:
-                torch.cuda.synchronize()
+                sync(device)
                 return {"images_per_sec": n / (time.perf_counter() - start)}
 
 
@@ -155,16 +178,16 @@ def predict(arch: str, device: torch.device, *, batch: int = 256, seconds: float
 
     model = build_model(arch, 10, "none").model.to(device).to(memory_format=torch.channels_last).eval()
     x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
-    for _ in range(5):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    for _ in range(5 if device.type == "cuda" else 1):
+        with amp(device):
             model(x)
-    torch.cuda.synchronize()
+    sync(device)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with amp(device):
             model(x)
         n += batch
-    torch.cuda.synchronize()
+    sync(device)
     return {"images_per_sec": n / (time.perf_counter() - start), "batch": batch}
 
 
@@ -175,34 +198,57 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu.json"))
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--batch", type=int, help="one batch size for every architecture (default: tuned per arch)")
+    parser.add_argument(
+        "--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke check of the script, not a benchmark"
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this benchmark needs a GPU", file=sys.stderr)
         return 2
     from torchvision.models import get_model_weights
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    warmups = {"ours": 15, "tutorial": 10} if device.type == "cuda" else {"ours": 1, "tutorial": 1}
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    name = torch.cuda.get_device_name(0)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (smoke check)"
     peak = peak_tflops(name)
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     t0 = time.perf_counter()
     data = make_images(work / "data", args.images)
     print(f"{name}: generated {args.images} images in {time.perf_counter() - t0:.0f}s", flush=True)
     batches = {"resnet18": 256, "resnet50": 256, "alexnet": 512, "googlenet": 256}
+    if args.batch:
+        batches = dict.fromkeys(batches, args.batch)
     results: dict[str, Any] = {"device": name, "torch": torch.__version__, "peak_bf16_tflops": peak, "archs": {}}
     for arch in args.archs.split(","):
         gflops = float(get_model_weights(arch).DEFAULT.meta["_ops"])  # forward, one 224 px image
         row: dict[str, Any] = {"forward_gflops": gflops}
-        eager = ours(arch, data, work / "cache", device, batch=batches[arch], seconds=args.seconds, compile_model=False)
+        eager = ours(
+            arch,
+            data,
+            work / "cache",
+            device,
+            batch=batches[arch],
+            seconds=args.seconds,
+            compile_model=False,
+            warmup=warmups["ours"],
+        )
         row["ours_eager"] = eager
         best = eager
         if not args.no_compile:
             try:
                 compiled = ours(
-                    arch, data, work / "cache", device, batch=batches[arch], seconds=args.seconds, compile_model=True
+                    arch,
+                    data,
+                    work / "cache",
+                    device,
+                    batch=batches[arch],
+                    seconds=args.seconds,
+                    compile_model=True,
+                    warmup=warmups["ours"],
                 )
                 row["ours_compiled"] = compiled
                 if compiled["images_per_sec"] > best["images_per_sec"]:
@@ -210,11 +256,11 @@ def main() -> int:
             except Exception as e:  # compile support varies by build: eager figures still stand
                 row["compile_error"] = f"{type(e).__name__}: {e}"[:300]
         row["ours"] = best
-        row["tutorial"] = tutorial(arch, data, device, seconds=min(args.seconds, 15))
+        row["tutorial"] = tutorial(arch, data, device, seconds=min(args.seconds, 15), warmup=warmups["tutorial"])
         row["ratio"] = best["images_per_sec"] / row["tutorial"]["images_per_sec"]
         if peak:
             row["mfu"] = best["images_per_sec"] * 3 * gflops * 1e9 / (peak * 1e12)
-        row["predict"] = predict(arch, device)
+        row["predict"] = predict(arch, device, batch=args.batch or 256, seconds=min(args.seconds, 5.0))
         results["archs"][arch] = row
         print(
             f"{arch}: ours {best['images_per_sec']:.0f} img/s (compiled={best['compiled']}), tutorial "

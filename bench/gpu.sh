@@ -3,6 +3,8 @@
 # Needs torch, torchvision, numpy and Pillow only. Finishes in under 8 minutes on one H100.
 #   bench/gpu.sh                       # all four architectures
 #   bench/gpu.sh --archs resnet50      # one
+# python -m bench.gpu --device cpu --archs resnet18 --images 24 --batch 4 --seconds 0.2 --no-compile
+#   checks the script without a GPU (tests/test_bench_gpu_smoke.py runs it with only those packages visible)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch, torchvision, numpy, PIL; assert torch.cuda.is_available(), 'no CUDA device'"
