@@ -226,30 +226,25 @@ def main() -> int:
     for arch in args.archs.split(","):
         gflops = float(get_model_weights(arch).DEFAULT.meta["_ops"])  # forward, one 224 px image
         row: dict[str, Any] = {"forward_gflops": gflops}
-        eager = ours(
-            arch,
-            data,
-            work / "cache",
-            device,
-            batch=batches[arch],
-            seconds=args.seconds,
-            compile_model=False,
-            warmup=warmups["ours"],
-        )
+
+        def run_ours(compile_model: bool, arch: str = arch) -> dict[str, Any]:
+            return ours(
+                arch,
+                data,
+                work / "cache",
+                device,
+                batch=batches[arch],
+                seconds=args.seconds,
+                compile_model=compile_model,
+                warmup=warmups["ours"],
+            )
+
+        eager = run_ours(compile_model=False)
         row["ours_eager"] = eager
         best = eager
         if not args.no_compile:
             try:
-                compiled = ours(
-                    arch,
-                    data,
-                    work / "cache",
-                    device,
-                    batch=batches[arch],
-                    seconds=args.seconds,
-                    compile_model=True,
-                    warmup=warmups["ours"],
-                )
+                compiled = run_ours(compile_model=True)
                 row["ours_compiled"] = compiled
                 if compiled["images_per_sec"] > best["images_per_sec"]:
                     best = compiled
