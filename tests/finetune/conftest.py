@@ -10,19 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from .helpers import Trained, lenet_config, make_shapes_dataset, run_training
+from .helpers import Trained, lenet_config, make_shapes_dataset, one_torch_thread, run_training
 
 
 @pytest.fixture(autouse=True, scope="package")
 def _one_torch_thread() -> Iterator[None]:
-    # The models here are tiny: one intra-op thread is as fast, and on a busy 2-core machine it avoids
-    # OpenMP threads spinning against each other (measured 3-4x slower with 2 threads under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ import stat
 import struct
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,17 +154,26 @@ class Trained:
         return self.result.run_dir
 
 
-def run_training(config: TrainConfig) -> Trained:
-    # One intra-op thread, like the tests that compare against this run (conftest's _one_torch_thread):
-    # session fixtures are built before that package fixture applies, and float sums reduced over a
-    # different number of threads differ in the last bit, which breaks the bit-exact resume checks.
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for what runs inside. The models here are tiny: one thread is as fast, and on a
+    busy 2-core machine it avoids OpenMP threads spinning against each other (3-4x slower with 2 under load).
+    Runs compared bit for bit must also use the same count: float sums reduced over a different number of
+    threads differ in the last bit."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        events: list[Event] = []
-        result = train(config, [events.append])
+        yield
     finally:
         torch.set_num_threads(before)
+
+
+def run_training(config: TrainConfig) -> Trained:
+    # Session fixtures are built before conftest's package-wide one-thread fixture applies: without this,
+    # the shared runs would use every core and the resume tests compare against them bit for bit.
+    with one_torch_thread():
+        events: list[Event] = []
+        result = train(config, [events.append])
     return Trained(config, result, events)
 
 
