@@ -61,6 +61,20 @@ def machine() -> dict[str, Any]:
     }
 
 
+def service_env(data: Path) -> dict[str, str]:
+    """The environment of a benchmarked ``serve``: our data folder, quiet logs, no inherited FINETUNE_* settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
+    env.update(
+        {
+            "FINETUNE_DATA_DIR": str(data),
+            "FINETUNE_LOG_LEVEL": "WARNING",
+            # One user sends every request here: the per-user predict limit would answer 429.
+            "FINETUNE_RATE_LIMIT_PREDICT_PER_MINUTE": "0",
+        }
+    )
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -45,7 +45,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, machine, wait_http
+from bench.common import ROOT, free_port, machine, service_env, wait_http
 from bench.data import make_dataset, make_photo, make_zip
 
 OUT = ROOT / "bench" / "out"
@@ -80,15 +80,7 @@ class Service:
     def __init__(self, data: Path, log_path: Path) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
-        env.update(
-            {
-                "FINETUNE_DATA_DIR": str(data),
-                "FINETUNE_LOG_LEVEL": "WARNING",
-                # One user sends every request here: the per-user predict limit would answer 429.
-                "FINETUNE_RATE_LIMIT_PREDICT_PER_MINUTE": "0",
-            }
-        )
+        env = service_env(data)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             env=env,

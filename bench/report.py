@@ -18,7 +18,8 @@ def _met(t: dict[str, Any]) -> str:
 
 # Where the predict time goes, when the 2x target is missed on this 2-core machine (measured 2026-11-27).
 PREDICT_PROFILE = [
-    "Why the 2x predict target is missed here (py-spy on the API process, concurrency 32, 400x300 JPEGs, 15 s):",
+    "Why the 2x predict target is missed here (profiled on 2026-11-27 with py-spy on the API process,",
+    "concurrency 32, 400x300 JPEGs, 15 s; rerun it before trusting this paragraph on another machine):",
     "the forward-pass thread is busy 73% of the time and the process's own Python (event loop, HTTP, multipart,",
     "authentication, decoding) uses about a third of one core. A resnet18 forward costs 16.8-18 core-ms per",
     "image at batch 8-16 on these cores (110-120 img/s with both cores to itself), so at ~69 req/s the",

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import subprocess
@@ -21,22 +20,9 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, ratio, start_process, stop_process, wait_http
+from bench.common import ROOT, free_port, ratio, service_env, start_process, stop_process, wait_http
 from bench.data import make_photo, make_zip
 from bench.loadgen import run_load
-
-
-def _service_env(data: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FINETUNE_")}
-    env.update(
-        {
-            "FINETUNE_DATA_DIR": str(data),
-            "FINETUNE_LOG_LEVEL": "WARNING",
-            # One user sends every request here: the per-user predict limit would answer 429.
-            "FINETUNE_RATE_LIMIT_PREDICT_PER_MINUTE": "0",
-        }
-    )
-    return env
 
 
 def _admin_key(env: dict[str, str]) -> str:
@@ -121,7 +107,7 @@ def service(
     work: Path, *, ingest_images: int, durations: float, concurrencies: tuple[int, ...], log: Any
 ) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix="bench-svc-", dir=work))
-    env = _service_env(data)
+    env = service_env(data)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     results: dict[str, Any] = {}

@@ -75,7 +75,7 @@ def pretrained_weights(arch: str, work: Path, log: Any, *, crop: int = 64) -> Pa
 
         state = load_file(str(run / "run" / "best" / "model.safetensors"))
         # The backbone's own accuracy goes with it (read by ``backbone_accuracy`` for the report).
-        save_file(state, str(path), metadata={"val_acc": f"{result.best_metric:.4f}", "chance": f"{1 / 6:.4f}"})
+        save_file(state, str(path), metadata={"val_acc": f"{result.best_metric:.4f}"})
         log(
             f"  pretrained {arch} on {len(PRETRAIN_SHAPES)} other shapes ({PRETRAIN_PER_CLASS} images each, "
             f"{recipe['epochs']} epochs): val acc {result.best_metric:.3f}"
