@@ -19,6 +19,7 @@ from app.services.ratelimit import RateLimits
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
 from app.storage import Storage
+from finetune.datastore import open_store
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         await app.state.model_cache.close()
         app.state.queue.close()
+        app.state.pixel_store.close()
 
     app = FastAPI(
         title="finetune-service",
@@ -46,6 +48,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings.db_url)
     app.state.storage = Storage(settings.data_dir)
     app.state.queue = JobQueue(settings)
+    # This host's pixel store: uploads stage their decoded pixels in it; /readyz and /metrics report it.
+    app.state.pixel_store = open_store(settings.cache_dir, max_bytes=settings.cache_max_bytes)
     app.state.rate_limits = RateLimits.from_settings(settings)
     app.state.metrics = metrics = Metrics()
     app.state.model_cache = ModelCache(

@@ -1,6 +1,6 @@
 """Datasets: an image folder (one sub-folder per class) or a zip of one, verified, split and reported.
 
-``load_dataset`` is the single entry point. It decodes every file once (into the pixel cache when one is
+``load_dataset`` is the single entry point. It decodes every file once (into the pixel store when one is
 given, so training never decodes it again), skips and reports what cannot be used, splits the rest
 (stratified and seeded, or the ``train/``/``val/``/``test/`` split the folder already has) and returns a
 ``Dataset`` whose ``report()`` is JSON-serialisable.
@@ -18,11 +18,15 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from .archive import ArchiveLimits, extract_zip, is_junk, read_names
 from .errors import DatasetError, ImageError
 from .images import DEFAULT_MAX_PIXELS, decode_for_size
-from .pixelcache import PixelCache
+from .preprocess import stored_pixels
+
+if TYPE_CHECKING:
+    from .datastore import StoreFill
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +173,13 @@ def load_dataset(
     source: str | Path,
     *,
     options: DatasetOptions | None = None,
-    pixel_cache: PixelCache | None = None,
+    store: StoreFill | None = None,
     extract_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> Dataset:
     """Read, verify, split and report a dataset folder or ``.zip``.
 
-    With ``pixel_cache``, the verification decode fills the cache (and files already in it are not
+    With ``store``, the verification decode fills the pixel store (and files already in it are not
     decoded again). A zip is extracted safely into ``extract_dir`` (required for zips) first.
     Raises ``DatasetError`` when the dataset cannot be used at all.
     """
@@ -197,7 +201,9 @@ def load_dataset(
     classes = sorted({c for _, c, _ in candidates})
     if len(candidates) > options.max_files:
         raise DatasetError(f"dataset has {len(candidates)} files, more than the limit of {options.max_files}")
-    checked = _verify_all(root, candidates, options, pixel_cache, progress)
+    if store is not None:
+        store.expect(len(candidates))
+    checked = _verify_all(root, candidates, options, store, progress)
     samples_raw: list[tuple[str, str, str | None, str, int, int]] = []
     for (rel, cls, split), outcome in zip(candidates, checked, strict=True):
         if isinstance(outcome, str):
@@ -347,10 +353,13 @@ def _verify_all(
     root: Path,
     candidates: list[tuple[str, str, str | None]],
     options: DatasetOptions,
-    cache: PixelCache | None,
+    store: StoreFill | None,
     progress: ProgressFn | None,
 ) -> list[tuple[str, int, int] | str]:
-    """Decode each file once (threads: Pillow and hashlib release the GIL). Returns (sha, w, h) or a reason."""
+    """Decode each file once (threads: Pillow and hashlib release the GIL). Returns (sha, w, h) or a reason.
+
+    At most a few files per thread are in flight, so memory stays flat however many files there are."""
+    from .loader import ordered_map
 
     def check(rel: str) -> tuple[str, int, int] | str:
         path = root / rel
@@ -363,11 +372,14 @@ def _verify_all(
             return f"cannot read file: {e.strerror or e}"
         sha = hashlib.sha256(data).hexdigest()
         try:
-            if cache is not None:
-                known = cache.original_size(sha)
-                w, h = known if known is not None else cache.add(sha, data)
-            else:
+            if store is None:
                 _, (w, h) = decode_for_size(data, _VERIFY_SIZE, max_pixels=options.max_pixels)
+                return sha, w, h
+            known = store.known(sha)
+            if known is not None and known.orig_width * known.orig_height <= options.max_pixels:
+                return sha, known.orig_width, known.orig_height
+            pixels, (w, h) = stored_pixels(data, store.tier, max_pixels=options.max_pixels)
+            store.add(sha, pixels, (w, h))
         except ImageError as e:
             return str(e)
         return sha, w, h
@@ -376,7 +388,8 @@ def _verify_all(
     results: list[tuple[str, int, int] | str] = []
     workers = options.workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, outcome in enumerate(pool.map(check, [c[0] for c in candidates]), 1):
+        rels = [c[0] for c in candidates]
+        for i, outcome in enumerate(ordered_map(pool, check, rels, ahead=4 * workers), 1):
             results.append(outcome)
             if progress is not None and (i == total or i % 16 == 0):
                 progress(i, total)

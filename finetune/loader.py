@@ -1,8 +1,9 @@
-"""Batches from the pixel cache, and augmentation as batched tensor ops on the training device.
+"""Batches from the pixel store, and augmentation as batched tensor ops on the training device.
 
-The CPU only gathers uint8 pixels from memory-mapped cache files (in a background thread, one batch
+The CPU only gathers uint8 pixels from the store's memory-mapped shards (in a background thread, one batch
 ahead); random resized crop, flip, the uint8->float conversion and normalisation then run as one batched
-``grid_sample`` on the device, instead of per-image PIL transforms in worker processes.
+``grid_sample`` on the device, instead of per-image PIL transforms in worker processes. Crops are taken
+from the stored copy (never upscaled, at most one octave larger than needed) and resized on the fly.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import Sample
 from .models import Preprocessing
-from .pixelcache import PixelCache
+from .pixelstore import Entry, PixelStore
+from .preprocess import eval_batch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,43 +37,41 @@ class Batch:
     labels: torch.Tensor  # int64 (B,)
 
 
-MAX_OPEN_MAPPINGS = 16384
+class StoredImages:
+    """Random access to the stored pixels of a list of images (``finetune.datastore.claim_images``).
 
+    Reads are views of the store's shard maps: no file is opened per image, and the kernel's page cache
+    keeps hot data in memory without copying it into the Python heap."""
 
-class CachedImages:
-    """Random access to the cached pixels of a list of samples."""
-
-    def __init__(self, cache: PixelCache, samples: Sequence[Sample]) -> None:
-        self.cache = cache
-        self.samples = list(samples)
-        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.int64)
+    def __init__(self, store: PixelStore, entries: Sequence[Entry], labels: Sequence[int] | torch.Tensor) -> None:
+        self.store = store
+        self.entries = list(entries)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         self._sizes: torch.Tensor | None = None
-        # Mappings stay open between epochs (opening one costs more than cropping it); bounded well below
-        # the kernel's default limit of 65530 mappings per process.
-        self._mapped: dict[str, np.ndarray] = {}
 
     def pixels(self, i: int) -> np.ndarray:
-        """The cached (height, width, 3) uint8 pixels of the i-th image (memory-mapped, read-only)."""
-        sha = self.samples[i].sha256
-        arr = self._mapped.get(sha)
-        if arr is None:
-            arr = self.cache.load(sha)
-            if len(self._mapped) < MAX_OPEN_MAPPINGS:
-                self._mapped[sha] = arr
-        return arr
+        """The stored (height, width, 3) uint8 pixels of the i-th image (memory-mapped, read-only)."""
+        return self.store.array(self.entries[i])
 
     def sizes(self) -> torch.Tensor:
-        """(N, 2) stored (height, width) of every image, read once from the cache headers."""
+        """(N, 2) stored (height, width) of every image."""
         if self._sizes is None:
-            shapes = [self.cache.stored_shape(s.sha256) for s in self.samples]
+            shapes = [(e.height, e.width) for e in self.entries]
             self._sizes = torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
         return self._sizes
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.entries)
+
+    def subset(self, indices: Sequence[int]) -> StoredImages:
+        return StoredImages(self.store, [self.entries[i] for i in indices], self.labels[list(indices)])
+
+    def advise(self, indices: Sequence[int]) -> None:
+        self.store.advise(self.entries[i] for i in indices)
 
     def padded(self, indices: Sequence[int]) -> Batch:
-        """Whole cached images, zero-padded to a common size (for training-time random crops)."""
+        """Whole stored images, zero-padded to a common size (for training-time random crops)."""
+        self.advise(indices)
         arrays = [self.pixels(i) for i in indices]
         h = max(a.shape[0] for a in arrays)
         w = max(a.shape[1] for a in arrays)
@@ -83,26 +82,12 @@ class CachedImages:
             sizes[j] = a.shape[:2]
         return Batch(torch.from_numpy(out), torch.from_numpy(sizes), self.labels[list(indices)])
 
-    def center_crops(self, indices: Sequence[int], crop: int) -> Batch:
-        """The evaluation view: a centred ``crop`` x ``crop`` square of each cached image."""
-        out = np.empty((len(indices), crop, crop, 3), dtype=np.uint8)
-        for j, i in enumerate(indices):
-            out[j] = center_crop_array(self.pixels(i), crop)
-        sizes = torch.full((len(indices), 2), crop, dtype=torch.int64)
+    def center_crops(self, indices: Sequence[int], prep: Preprocessing) -> Batch:
+        """The evaluation view (``finetune.preprocess.eval_crop``) of each image: what the predictor sees."""
+        self.advise(indices)
+        out = eval_batch([self.pixels(i) for i in indices], prep)
+        sizes = torch.full((len(indices), 2), prep.crop_size, dtype=torch.int64)
         return Batch(torch.from_numpy(out), sizes, self.labels[list(indices)])
-
-
-def center_crop_array(a: np.ndarray, crop: int) -> np.ndarray:
-    """Centre crop as torchvision's ``CenterCrop`` computes it (pads with zeros if the image is smaller)."""
-    h, w = a.shape[:2]
-    if h < crop or w < crop:
-        padded = np.zeros((max(h, crop), max(w, crop), 3), dtype=np.uint8)
-        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
-        padded[top : top + h, left : left + w] = a
-        a, h, w = padded, padded.shape[0], padded.shape[1]
-    top = round((h - crop) / 2.0)
-    left = round((w - crop) / 2.0)
-    return a[top : top + crop, left : left + crop]
 
 
 def batches(
@@ -239,7 +224,7 @@ class TrainAugment:
 
     - CUDA: the whole cached images go to the GPU as one padded uint8 batch and a single ``grid_sample``
       does every crop, resize and flip at once (one kernel instead of one per image).
-    - CPU: only the crop boxes are cut from the memory-mapped cache (never whole images), each resized in
+    - CPU: only the crop boxes are cut from the memory-mapped store (never whole images), each resized in
       uint8 with antialiasing (torch's vectorised kernel), then the small batch is converted and normalised;
       all of it in the prefetch thread, so it overlaps the training step.
     """
@@ -262,7 +247,7 @@ class TrainAugment:
         self.workers = max(1, min(4, os.cpu_count() or 1))
 
     def batches(
-        self, images: CachedImages, order: Sequence[Sequence[int]], generator: torch.Generator
+        self, images: StoredImages, order: Sequence[Sequence[int]], generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised images on the device, labels on the device) for each index list in ``order``."""
         if self.device.type == "cuda":
@@ -287,8 +272,9 @@ class TrainAugment:
         return (torch.rand(b, generator=generator) < 0.5) if self.hflip else torch.zeros(b, dtype=torch.bool)
 
     def _cpu_batch(
-        self, images: CachedImages, idx: Sequence[int], boxes: list[list[int]], flips: list[bool]
+        self, images: StoredImages, idx: Sequence[int], boxes: list[list[int]], flips: list[bool]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        images.advise(idx)
         out = torch.empty(len(idx), 3, self.out, self.out, dtype=torch.uint8).contiguous(
             memory_format=torch.channels_last
         )

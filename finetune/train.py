@@ -42,7 +42,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .dataset import Dataset, DatasetOptions, load_dataset
+from .dataset import Dataset, DatasetOptions
+from .datastore import StoredDataset, load_into_store
 from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
 from .evaluate import metrics_from_logits, predict_logits
 from .events import (
@@ -58,7 +59,7 @@ from .events import (
     RunStarted,
     StageStarted,
 )
-from .loader import CachedImages, TrainAugment, batches
+from .loader import TrainAugment, batches
 from .models import (
     AUX_LOSS_WEIGHT,
     Backbone,
@@ -72,7 +73,6 @@ from .models import (
     preprocessing_for,
     state_fingerprint,
 )
-from .pixelcache import PixelCache
 from .weights import cached_imagenet_path
 
 log = logging.getLogger(__name__)
@@ -220,6 +220,7 @@ class _Run:
         self.tracker = _BestTracker(config.monitor, config.early_stopping)
         self.clock = _Clock()
         self.micro_batch = config.batch_size
+        self.stored: StoredDataset | None = None
 
     # -- plumbing --------------------------------------------------------------------------------------
     def emit(self, event: Event) -> None:
@@ -245,6 +246,12 @@ class _Run:
 
     # -- the run ---------------------------------------------------------------------------------------
     def execute(self, resume_from: Path | None) -> RunResult:
+        try:
+            return self._execute(resume_from)
+        finally:
+            self.close()
+
+    def _execute(self, resume_from: Path | None) -> RunResult:
         c = self.config
         torch.manual_seed(c.seed)
         self.check_weights()
@@ -310,23 +317,31 @@ class _Run:
         return RunResult(self.run_dir, self.tracker.best_epoch, best_value, c.monitor, evaluation, self.history)
 
     def load_data(self) -> Dataset:
+        """Check the dataset, store its pixels (decoded once, at the tier this run reads) and pin them."""
         c = self.config
         self.prep = preprocessing_for(c.model, c.weights, c.image_size)
-        self.pixels = PixelCache(self.cache_root / "pixels", self.prep.resize_size)
-        self.emit(StageStarted("data", f"checking images and caching pixels at {self.prep.resize_size}px"))
-        dataset = load_dataset(
+        self.emit(StageStarted("data", f"checking images and storing pixels at {self.prep.tier}px"))
+        self.stored = load_into_store(
             c.data,
+            cache_root=self.cache_root,
+            tier=self.prep.tier,
             options=DatasetOptions(val_fraction=c.val_fraction, test_fraction=c.test_fraction, seed=c.seed),
-            pixel_cache=self.pixels,
             extract_dir=self.cache_root / "extracted",
             progress=lambda done, total: self.emit(Progress("data", done, total)),
+            max_bytes=c.cache_max_bytes,
         )
-        self.train_images = CachedImages(self.pixels, dataset.split("train"))
-        self.val_images = CachedImages(self.pixels, dataset.split("val"))
-        self.test_images = CachedImages(self.pixels, dataset.split("test"))
+        self.train_images = self.stored.splits["train"]
+        self.val_images = self.stored.splits["val"]
+        self.test_images = self.stored.splits["test"]
         if len(self.val_images) == 0:
             raise ConfigError(["the dataset has no validation images"])
-        return dataset
+        return self.stored.dataset
+
+    def close(self) -> None:
+        """Unpin the run's pixels (they stay stored, first in line for eviction when space is needed)."""
+        if self.stored is not None:
+            self.stored.close()
+            self.stored = None
 
     def check_weights(self) -> None:
         """Missing weights fail at once, not after the dataset pass (which can take minutes)."""
@@ -470,7 +485,7 @@ class _Run:
             parts = []
             for chunk in _chunks(list(range(len(images))), 256):
                 self.check_stop()
-                sub = CachedImages(images.cache, [images.samples[i] for i in chunk])
+                sub = images.subset(chunk)
                 logits, _ = predict_logits(
                     backbone,
                     sub,

@@ -177,6 +177,7 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
             data=str(dataset_images_folder(storage, dataset)),
             out=str(run_dir),
             cache_dir=str(settings.cache_dir),
+            cache_max_bytes=settings.cache_max_bytes,
             weights_dir=str(settings.weights_dir) if settings.weights_dir else None,
         )
         if (run_dir / "run.json").exists():

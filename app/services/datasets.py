@@ -25,12 +25,14 @@ from app.settings import Settings
 from app.storage import Storage
 from finetune.archive import ArchiveLimits, extract_zip
 from finetune.dataset import DatasetOptions, load_dataset
+from finetune.datastore import StoreFill
 from finetune.images import open_image
-from finetune.pixelcache import PixelCache
+from finetune.pixelstore import PixelStore, ShardWriter
 
-# Uploads pre-fill the pixel cache at 256 px, the resize size of AlexNet, GoogLeNet, ResNet-18/34 at 224:
-# the check decodes every image anyway, and training at that size then decodes nothing.
-UPLOAD_CACHE_SIZE = 256
+# The upload check decodes every image anyway: it keeps the pixels at the 256 px tier (what AlexNet,
+# GoogLeNet and the ResNets read at 224 px crops), staged, so a job on this host decodes nothing again.
+# They become part of the store only if the dataset is accepted.
+UPLOAD_TIER = 256
 IMAGES_DIR = "images"
 REPORT_FILE = "report.json"
 THUMBNAILS_PER_CLASS = 4
@@ -43,13 +45,28 @@ class CheckedDataset:
     folder: Path  # the images folder inside the temp dir, ready to be moved into place
     report: dict[str, Any]
     size_bytes: int
+    pixels: ShardWriter | None = None  # the decoded pixels, staged in the store until keep_pixels()
+
+    def keep_pixels(self) -> None:
+        """The dataset is accepted (its row committed): its staged pixels join the store."""
+        if self.pixels is not None:
+            self.pixels.commit()
+            self.pixels = None
+
+    def drop_pixels(self) -> None:
+        """The dataset was not stored after all: nothing of its pixels stays."""
+        if self.pixels is not None:
+            self.pixels.abort()
+            self.pixels = None
 
 
-def check_upload(received: ReceivedUpload, temp: Path, settings: Settings) -> CheckedDataset:
+def check_upload(received: ReceivedUpload, temp: Path, settings: Settings, store: PixelStore) -> CheckedDataset:
     """Blocking: extract (zip) or arrange (files) under ``temp/images`` and run the engine's check.
 
     Files are stored under generated names (``received.names``: cleaned folders, a counter per file), never
-    their own; the originals go to the folder's names file, and the engine's report shows them."""
+    their own; the originals go to the folder's names file, and the engine's report shows them. The
+    decoded pixels are staged in ``store``: the caller keeps them (``keep_pixels``) once the dataset is
+    stored, or drops them; a refused upload leaves nothing in the store."""
     images = temp / IMAGES_DIR
     if received.archive is not None:
         limits = ArchiveLimits(
@@ -67,17 +84,19 @@ def check_upload(received: ReceivedUpload, temp: Path, settings: Settings) -> Ch
             os.replace(path, target)
         received.names.write(images)
     shutil.rmtree(temp / "incoming", ignore_errors=True)
-    dataset = load_dataset(
-        images,
-        options=DatasetOptions(max_pixels=settings.max_image_pixels),
-        pixel_cache=PixelCache(settings.cache_dir / "pixels", UPLOAD_CACHE_SIZE, max_pixels=settings.max_image_pixels),
-    )
+    writer = store.writer(staged=True)
+    try:
+        fill = StoreFill(store, UPLOAD_TIER, writer, strict=False, max_pixels=settings.max_image_pixels)
+        dataset = load_dataset(images, options=DatasetOptions(max_pixels=settings.max_image_pixels), store=fill)
+    except BaseException:
+        writer.abort()
+        raise
     report = dataset.report()
     # The images folder may have a single wrapper folder the engine descended into; keep that relative
     # root so file paths in the report resolve, and never show the server's absolute paths.
     report["root"] = str(dataset.root.relative_to(images)) if dataset.root != images else "."
     size = sum(f.stat().st_size for f in images.rglob("*") if f.is_file())
-    return CheckedDataset(images, report, size)
+    return CheckedDataset(images, report, size, writer)
 
 
 def store_dataset(

@@ -14,8 +14,8 @@ from PIL import Image
 
 from finetune.archive import ArchiveLimits
 from finetune.dataset import Dataset, DatasetOptions, load_dataset
+from finetune.datastore import load_into_store, open_store
 from finetune.errors import ConfigError, DatasetError, UnsafeArchiveError
-from finetune.pixelcache import PixelCache
 
 from .helpers import (
     distinct_pngs,
@@ -238,16 +238,19 @@ def test_every_mode_and_format_is_usable(tmp_path: Path) -> None:
         "b/x.bmp": image_bytes(solid((8, 9, 10), (20, 20)), "BMP"),
     }
     root = build(tmp_path / "d", files)
-    cache = PixelCache(tmp_path / "cache", 16)
-    ds = load_dataset(root, pixel_cache=cache)
-    assert ds.skipped == []
-    assert sorted(s.path for s in ds.samples) == sorted(files)
-    for s in ds.samples:
-        assert (s.width, s.height) == (20, 20)
-        arr = cache.load(s.sha256)
-        assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
-    gif = next(s for s in ds.samples if s.path.endswith(".gif"))
-    assert cache.load(gif.sha256)[8, 8, 2] > 200  # the first frame (blue), not the last
+    with load_into_store(root, cache_root=tmp_path / "cache", tier=32) as stored:
+        ds = stored.dataset
+        assert ds.skipped == []
+        assert sorted(s.path for s in ds.samples) == sorted(files)
+        for s in ds.samples:
+            assert (s.width, s.height) == (20, 20)
+            entry = stored.store.find(s.sha256, 20)  # stored at its own size, never upscaled to the tier
+            assert entry is not None
+            arr = stored.store.array(entry)
+            assert arr.shape == (20, 20, 3) and arr.dtype == np.uint8
+        gif = next(s for s in ds.samples if s.path.endswith(".gif"))
+        entry = stored.store.find(gif.sha256, 20)
+        assert entry is not None and stored.store.array(entry)[10, 10, 2] > 200  # the first frame (blue)
 
 
 def test_os_junk_is_ignored_silently(tmp_path: Path) -> None:
@@ -429,18 +432,22 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
-def test_pixel_cache_entries_and_torn_files(tmp_path: Path) -> None:
+def test_store_entries_and_a_lost_catalog(tmp_path: Path) -> None:
     root = build(tmp_path / "d", two_classes(n=3))
-    cache = PixelCache(tmp_path / "cache", 12)
-    ds = load_dataset(root, pixel_cache=cache)
-    s = ds.samples[0]
-    assert cache.original_size(s.sha256) == (16, 16)
-    assert cache.load(s.sha256).shape == (12, 12, 3)
-    path = cache.path(s.sha256)
-    path.write_bytes(path.read_bytes()[:-5])  # a torn write: counts as missing, is redone
-    assert cache.original_size(s.sha256) is None
-    load_dataset(root, pixel_cache=cache)
-    assert cache.original_size(s.sha256) == (16, 16)
+    with load_into_store(root, cache_root=tmp_path / "cache", tier=32) as stored:
+        s = stored.dataset.samples[0]
+        entry = stored.store.find(s.sha256, 16)
+        assert entry is not None and (entry.orig_width, entry.orig_height) == (16, 16)
+        assert stored.store.array(entry).shape == (16, 16, 3)
+        before = stored.store.array(entry).copy()
+    # The shards describe themselves: a lost catalog is rebuilt from them, nothing is decoded again.
+    (tmp_path / "cache" / "pixelstore" / "catalog.sqlite").unlink()
+    for extra in (tmp_path / "cache" / "pixelstore").glob("catalog.sqlite-*"):
+        extra.unlink()
+    store = open_store(tmp_path / "cache")
+    entry = store.find(s.sha256, 16)
+    assert entry is not None and np.array_equal(store.array(entry), before)
+    store.close()
 
 
 def test_train_and_test_folders_without_val_take_val_from_train(tmp_path: Path) -> None:

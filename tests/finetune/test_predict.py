@@ -13,12 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from finetune.dataset import DatasetOptions, load_dataset
+from finetune.dataset import DatasetOptions
+from finetune.datastore import load_into_store
 from finetune.errors import ConfigError, DatasetError, ImageError
 from finetune.evaluate import evaluate_run, metrics_from_logits, predict_logits
-from finetune.loader import CachedImages
 from finetune.models import build_for_checkpoint
-from finetune.pixelcache import PixelCache
 from finetune.predict import Prediction, Predictor
 
 from .helpers import CLASSES, Trained, image_bytes, shape_image
@@ -36,19 +35,18 @@ def _logits(predictor: Predictor, arrays: list[np.ndarray]) -> torch.Tensor:
 
 def test_predictor_reproduces_the_trained_models_evaluation(full_run: Trained, predictor: Predictor) -> None:
     c = full_run.config
-    pixels = PixelCache(Path(c.cache_dir or "") / "pixels", predictor.preprocessing.resize_size)
     options = DatasetOptions(val_fraction=c.val_fraction, test_fraction=c.test_fraction, seed=c.seed)
-    ds = load_dataset(c.data, options=options, pixel_cache=pixels)
-    val = ds.split("val")
-    labels = torch.tensor([s.label for s in val])
+    prep = predictor.preprocessing
+    with load_into_store(c.data, cache_root=c.cache_dir or "", tier=prep.tier, options=options) as stored:
+        ds = stored.dataset
+        val = ds.split("val")
+        labels = torch.tensor([s.label for s in val])
 
-    # Decoded from the files by the predictor...
-    from_files = _logits(predictor, [predictor.preprocess(ds.root / s.path) for s in val])
-    # ...equal, bit for bit, the evaluation view the trainer computed from the pixel cache.
-    from_cache, cache_labels = predict_logits(
-        predictor.model, CachedImages(pixels, val), predictor.preprocessing, predictor.device
-    )
-    assert torch.equal(from_files, from_cache) and torch.equal(labels, cache_labels)
+        # Decoded from the files by the predictor...
+        from_files = _logits(predictor, [predictor.preprocess(ds.root / s.path) for s in val])
+        # ...equal, bit for bit, the evaluation view the trainer computed from the pixel store.
+        from_store, store_labels = predict_logits(predictor.model, stored.splits["val"], prep, predictor.device)
+    assert torch.equal(from_files, from_store) and torch.equal(labels, store_labels)
 
     # The in-memory model at the end of training scored val with exactly these logits: same loss to the
     # last bit, same confusion matrix.

@@ -95,14 +95,19 @@ async def create_dataset(
         received = await receive_upload(
             request, temp, UploadLimits(settings.max_upload_bytes, settings.max_upload_files)
         )
-        checked = await run_in_threadpool(svc.check_upload, received, temp, settings)
-        name = clean_name(received.name) or f"dataset {datetime.now():%Y-%m-%d %H:%M}"
-        dataset = svc.store_dataset(session, storage, user, name, "zip" if received.archive else "files", checked)
+        checked = await run_in_threadpool(svc.check_upload, received, temp, settings, request.app.state.pixel_store)
         try:
-            session.commit()
-        except BaseException:
-            storage.delete(storage.dataset_key(dataset.id))
-            raise
+            name = clean_name(received.name) or f"dataset {datetime.now():%Y-%m-%d %H:%M}"
+            source = "zip" if received.archive else "files"
+            dataset = svc.store_dataset(session, storage, user, name, source, checked)
+            try:
+                session.commit()
+            except BaseException:
+                storage.delete(storage.dataset_key(dataset.id))
+                raise
+            await run_in_threadpool(checked.keep_pixels)
+        finally:
+            await run_in_threadpool(checked.drop_pixels)  # a no-op once kept
         return to_out(dataset, await run_in_threadpool(svc.thumbnail_indices, storage, dataset))
     finally:
         shutil.rmtree(temp, ignore_errors=True)
