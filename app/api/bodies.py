@@ -24,7 +24,6 @@ from app.services.uploads import ReceivedUpload
 
 ZIP_TYPES = frozenset({"application/zip", "application/x-zip-compressed", "application/octet-stream"})
 UPLOAD_FIELDS = ("archive", "files")
-INCOMING_DIR = "incoming"
 IMAGE_FIELD = "images"
 RAW_IMAGE_TYPES = frozenset(
     {"image/jpeg", "image/jpg", "image/png", "image/webp", "image/bmp", "image/gif", "application/octet-stream"}
@@ -48,7 +47,7 @@ async def read_dataset_upload(request: Request, temp: Path, max_bytes: int, max_
             "unsupported_media_type",
             "send multipart/form-data (an 'archive' zip or 'files' with 'paths') or an application/zip body",
         )
-    incoming = temp / INCOMING_DIR
+    incoming = temp / uploads.INCOMING_DIR
     incoming.mkdir()
     # one 'paths' value per file, plus a few others ('name')
     limits = FormLimits(max_bytes, max_files, max_fields=max_files + 100)

@@ -10,12 +10,15 @@ python-multipart parses (and caps the headers of a part); this module adds what 
 - file parts go where the caller says: numbered files in a folder (uploads, up to gigabytes) or memory
   (predict, capped at a few MiB). A part's file name is kept as data, never used as a path.
 
-A client that disconnects mid-body raises Starlette's ``ClientDisconnect``, answered by ``app.errors``.
+Parsing runs on the event loop as chunks arrive: python-multipart finds boundaries with ``bytes.find``,
+about 1.2 ms per MiB here (a 64 KiB chunk: under 0.1 ms). A client that disconnects mid-body raises
+Starlette's ``ClientDisconnect``, answered by ``app.errors``.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -70,8 +73,9 @@ def too_large(limit: int) -> ApiError:
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """A raw body, in memory (callers cap it at a few MiB)."""
     body = bytearray()
-    async for chunk in _chunks(request, max_bytes):
-        body += chunk
+    async with aclosing(_chunks(request, max_bytes)) as chunks:
+        async for chunk in chunks:
+            body += chunk
     return bytes(body)
 
 
@@ -79,9 +83,10 @@ async def save_body(request: Request, target: Path, max_bytes: int) -> int:
     """A raw body, streamed into ``target``; returns its size."""
     size = 0
     with open(target, "wb") as f:
-        async for chunk in _chunks(request, max_bytes):
-            f.write(chunk)
-            size += len(chunk)
+        async with aclosing(_chunks(request, max_bytes)) as chunks:
+            async for chunk in chunks:
+                f.write(chunk)
+                size += len(chunk)
     return size
 
 
@@ -94,9 +99,10 @@ async def read_form(
     sink = _FormSink(limits, folder)
     parser = MultipartParser(boundary, sink.callbacks())  # type: ignore[arg-type]
     try:
-        async for chunk in _chunks(request, limits.max_bytes):
-            parser.write(chunk)
-            sink.raise_error()
+        async with aclosing(_chunks(request, limits.max_bytes)) as chunks:
+            async for chunk in chunks:
+                parser.write(chunk)
+                sink.raise_error()
     except FormParserError as e:
         raise ApiError(400, "bad_multipart", f"the multipart body is malformed: {e}") from None
     finally:
@@ -110,7 +116,7 @@ async def read_form(
     return sink.form
 
 
-async def _chunks(request: Request, max_bytes: int) -> AsyncIterator[bytes]:
+async def _chunks(request: Request, max_bytes: int) -> AsyncGenerator[bytes, None]:
     """The body's chunks, refused (413) as soon as they pass ``max_bytes`` (or the declared length does)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import Dataset, Job, User
 from app.domain_errors import Conflict, NotFound
-from app.services.uploads import ReceivedUpload
+from app.services.uploads import INCOMING_DIR, ReceivedUpload
 from app.settings import Settings
 from app.storage import Storage
 from finetune.archive import ArchiveLimits, extract_zip
@@ -66,7 +66,7 @@ def check_upload(received: ReceivedUpload, temp: Path, settings: Settings) -> Ch
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         received.names.write(images)
-    shutil.rmtree(temp / "incoming", ignore_errors=True)
+    shutil.rmtree(temp / INCOMING_DIR, ignore_errors=True)
     dataset = load_dataset(
         images,
         options=DatasetOptions(max_pixels=settings.max_image_pixels),

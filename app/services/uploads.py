@@ -16,6 +16,8 @@ from app.domain_errors import BadRequest
 from finetune.archive import StoredNames, is_junk, safe_member_path
 from finetune.errors import UnsafeArchiveError
 
+INCOMING_DIR = "incoming"  # the upload's temp folder holds the received parts here until they are arranged
+
 
 @dataclass
 class ReceivedUpload:
