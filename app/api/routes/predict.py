@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
+from app.api import bodies
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from app.api.routes.models import ModelCacheDep
 from app.errors import ApiError
@@ -64,7 +65,7 @@ _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
                         "required": ["images"],
                     }
                 },
-                **{t: {"schema": _IMAGE_SCHEMA} for t in sorted(svc.RAW_IMAGE_TYPES) if t != "image/jpg"},
+                **{t: {"schema": _IMAGE_SCHEMA} for t in sorted(bodies.RAW_IMAGE_TYPES) if t != "image/jpg"},
             },
             "required": True,
         }
@@ -88,13 +89,11 @@ async def predict(
         return model.run_key
 
     run_key = await run_in_threadpool(lookup)
-    images = await svc.receive_images(request, settings.max_predict_bytes, settings.max_predict_images)
+    images = await bodies.read_images(request, settings.max_predict_bytes, settings.max_predict_images)
     try:
         loaded = await cache.get(model_id, storage.path(run_key))
     except CheckpointError:
-        raise ApiError(
-            409, "model_unavailable", f"the files of model {model_id} are missing or incomplete on this server"
-        ) from None
+        raise svc.unavailable(model_id) from None
     predictor = loaded.predictor
     results = await asyncio.gather(
         *(run_in_threadpool(_preprocess, predictor, image, i) for i, image in enumerate(images)),
@@ -112,7 +111,7 @@ async def predict(
     )
 
 
-def _preprocess(predictor: Predictor, image: svc.ReceivedImage, index: int) -> np.ndarray:
+def _preprocess(predictor: Predictor, image: bodies.ReceivedImage, index: int) -> np.ndarray:
     try:
         return predictor.preprocess(image.data)
     except ImageError as e:
