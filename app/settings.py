@@ -30,10 +30,11 @@ class Settings(BaseSettings):
     port: int = 8000
 
     # Uploads
-    max_upload_bytes: int = Field(2 * 1024**3, description="largest dataset upload (zip or files), bytes")
+    max_upload_bytes: int = Field(16 * 1024**3, description="largest dataset upload (zip or files), bytes")
     max_upload_files: int = Field(50_000, description="most files in one folder upload")
-    max_archive_entries: int = 100_000
-    max_extracted_bytes: int = Field(8 * 1024**3, description="most bytes a dataset zip may expand to")
+    max_archive_entries: int = Field(1_000_000, description="most entries in a dataset zip")
+    max_extracted_bytes: int = Field(64 * 1024**3, description="most bytes a dataset zip may expand to")
+    max_concurrent_checks: int = Field(2, ge=1, description="uploads checked at once by one API process")
     max_compression_ratio: float = Field(
         200.0, description="most a zip entry may expand over its compressed size (images hardly compress; bombs do)"
     )

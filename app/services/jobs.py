@@ -85,6 +85,9 @@ def validate_request(body: BaseModel, settings: Settings) -> TrainConfig:
 
 
 def create_job(session: Session, owner: User, dataset: Dataset, config: TrainConfig) -> Job:
+    if dataset.status != "ready":
+        detail = "is still being checked" if dataset.status == "checking" else "was refused"
+        raise Conflict(f"dataset {dataset.id} {detail}: train on a ready dataset", code="dataset_not_ready")
     stored = {k: v for k, v in config.to_dict().items() if k not in SERVER_OWNED}
     job = Job(
         owner_id=owner.id,
