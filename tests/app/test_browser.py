@@ -238,7 +238,7 @@ def test_a_resumed_job_page_shows_only_the_resumed_attempts_epochs(service: tupl
     assert r.status_code == 201, r.text
     settings = {"model": "lenet", "weights": "none", "image_size": 32, "batch_size": 8, "epochs": 1}
     r = api.post(
-        "/api/v1/jobs", json={"dataset_id": r.json()["id"], **settings, "strategy": "two-stage", "head_epochs": 100}
+        "/api/v1/jobs", json={"dataset_id": r.json()["id"], **settings, "strategy": "two-stage", "head_epochs": 200}
     )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
@@ -253,7 +253,7 @@ def test_a_resumed_job_page_shows_only_the_resumed_attempts_epochs(service: tupl
             page.goto(login_link.replace("/login?", f"/login?next=%2Fjobs%2F{job_id}&"))
             page.wait_for_url(re.compile(f"/jobs/{job_id}$"))
 
-            # Killed as soon as its first epoch is recorded: well inside its 100-epoch head stage.
+            # Killed as soon as its first epoch is recorded: well inside its 200-epoch head stage.
             wait_until(lambda: api.get(f"/api/v1/jobs/{job_id}").json()["metrics"], 90, "the first epoch", 0.01)
             (pid,) = job_processes(job_id)
             os.kill(pid, signal.SIGKILL)
@@ -267,7 +267,7 @@ def test_a_resumed_job_page_shows_only_the_resumed_attempts_epochs(service: tupl
             done = api.get(f"/api/v1/jobs/{job_id}").json()
             assert done["attempt"] == 2 and {m["attempt"] for m in done["metrics"]} == {2}
             epochs = [m["epoch"] for m in done["metrics"]]
-            assert epochs == list(range(1, 102))
+            assert epochs == list(range(1, 202))
             shown = page.evaluate("() => [...window.jobPage.metrics.values()].sort((a, b) => a.epoch - b.epoch)")
             assert shown == done["metrics"]
             chart = "(id) => { const c = Chart.getChart(id); return [c.data.labels, ...c.data.datasets.map((d) => d.data)]; }"

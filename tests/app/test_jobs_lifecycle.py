@@ -220,7 +220,7 @@ def test_the_event_stream_of_a_resumed_job_drops_the_dead_attempts_epochs(
     when resumed. Its event stream begins with the dead attempt's epochs, as the page showed them, then tells
     the client to drop them; the client ends holding exactly the job's history, all of it from attempt 2."""
     r = client.post(
-        API, json={"dataset_id": dataset["id"], **TINY, "strategy": "two-stage", "head_epochs": 100, "epochs": 1}
+        API, json={"dataset_id": dataset["id"], **TINY, "strategy": "two-stage", "head_epochs": 200, "epochs": 1}
     )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
@@ -237,7 +237,7 @@ def test_the_event_stream_of_a_resumed_job_drops_the_dead_attempts_epochs(
     events = read_events(client, job_id)
     done = client.get(f"{API}/{job_id}").json()
     assert done["status"] == "succeeded" and done["attempt"] == 2, done
-    assert [m["epoch"] for m in done["metrics"]] == list(range(1, 102))
+    assert [m["epoch"] for m in done["metrics"]] == list(range(1, 202))
     assert {m["attempt"] for m in done["metrics"]} == {2}
     resets = [data for kind, data in events if kind == "reset"]
     assert resets[0]["metrics"] == dead  # where the page was when the stream started
