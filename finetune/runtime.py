@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,7 @@ class Runtime:
     channels_last: bool
     callbacks: Sequence[Callback]
     should_stop: StopFlag
+    started: float = field(default_factory=time.perf_counter)  # the run's elapsed time counts from here
 
     @classmethod
     def for_config(cls, config: TrainConfig, callbacks: Sequence[Callback], should_stop: StopFlag | None) -> Runtime:

@@ -279,7 +279,7 @@ class _Progress:
     def __init__(self, rt: Runtime, total_epochs: int) -> None:
         self.emit = rt.emit
         self.total_epochs = total_epochs
-        self.start = time.perf_counter()
+        self.start = rt.started  # with the data pass and the model's construction, as the caller waited
         self.epoch_times: dict[str, list[float]] = {"head": [], "finetune": []}
 
     @property
