@@ -173,8 +173,10 @@ class StoredDataset:
     pin: Pin
 
     def close(self) -> None:
-        self.pin.release()
-        self.store.close()
+        try:
+            self.pin.release()
+        finally:
+            self.store.close()
 
     def __enter__(self) -> StoredDataset:
         return self

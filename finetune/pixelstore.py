@@ -503,13 +503,15 @@ class Pin:
     def release(self) -> None:
         if self._lock is None:
             return
-        if self.shards:
-            with contextlib.suppress(sqlite3.Error):
-                self._touch(self.shards)  # least recently used counts from the end of the read
-        self._list_path.unlink(missing_ok=True)
-        self._lock_path.unlink(missing_ok=True)
-        self._lock.release()
-        self._lock = None
+        lock, self._lock = self._lock, None
+        try:
+            if self.shards:
+                with contextlib.suppress(sqlite3.Error):
+                    self._touch(self.shards)  # least recently used counts from the end of the read
+            self._list_path.unlink(missing_ok=True)
+            self._lock_path.unlink(missing_ok=True)
+        finally:
+            lock.release()  # whatever happened above: a pin whose lock is free protects nothing
 
 
 class ShardWriter:
@@ -602,17 +604,21 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop everything written: nothing of it stays on disk."""
         with self._mutex:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            file, self._file = self._file, None
             self._sealed = []
-            self._finish()
+            try:
+                if file is not None:
+                    file.close()
+            finally:
+                self._finish()
 
     def _finish(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        lock, self._lock = self._lock, None
+        try:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        finally:
+            if lock is not None:
+                lock.release()  # a folder left behind with a free lock is swept by the next store opened
 
 
 def read_shard_index(path: Path) -> list[list[Any]]:

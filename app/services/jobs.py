@@ -140,8 +140,15 @@ def list_owned(session: Session, owner: User, status: str | None = None) -> list
     return list(session.scalars(query))
 
 
-def metrics_of(session: Session, job_id: str) -> list[JobMetric]:
-    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)))
+def metrics_of(session: Session, job_id: str, *, after_epoch: int = 0) -> list[JobMetric]:
+    query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.epoch > after_epoch)
+    return list(session.scalars(query.order_by(JobMetric.epoch)))
+
+
+def metric_keys(session: Session, job_id: str) -> list[tuple[int, int]]:
+    """(epoch, attempt that trained it) of each epoch of the job's history, in order."""
+    query = select(JobMetric.epoch, JobMetric.attempt).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
+    return [(int(epoch), int(attempt)) for epoch, attempt in session.execute(query)]
 
 
 def model_of(session: Session, job_id: str) -> Model | None:
