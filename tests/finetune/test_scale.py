@@ -78,3 +78,21 @@ def test_train_and_eval_on_5000_images_with_256_open_files(tmp_path: Path) -> No
     assert usage["entries"] == 5000
     assert usage["used_bytes"] / 5000 <= 4096
     assert usage["shards"] <= 4
+
+
+def test_the_cache_command_shows_and_clears_the_store(tmp_path: Path) -> None:
+    data = tiny_greyscale_folder(tmp_path / "data", 40, classes=2)
+    cache = tmp_path / "cache"
+    trained = finetune_cli(
+        "train", str(data), "--out", str(tmp_path / "run"), "--model", "lenet", "--weights", "none",
+        "--epochs", "1", "--device", "cpu", "--cache-dir", str(cache),
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    info = finetune_cli("cache", "--cache-dir", str(cache), "--json")
+    assert info.returncode == 0, info.stderr
+    usage = json.loads(info.stdout)
+    assert usage["entries"] == 40 and usage["used_bytes"] > 0 and usage["pinned_bytes"] == 0
+    cleared = json.loads(finetune_cli("cache", "clear", "--cache-dir", str(cache), "--json").stdout)
+    assert cleared["freed_bytes"] == usage["used_bytes"] and cleared["entries"] == 0
+    text = finetune_cli("cache", "--cache-dir", str(cache)).stdout
+    assert "0 images in 0 shards" in text
