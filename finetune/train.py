@@ -34,7 +34,7 @@ from .checkpoint import (
     settle,
 )
 from .config import TrainConfig
-from .dataset import Dataset, DatasetOptions
+from .dataset import Dataset, DatasetOptions, read_split_file
 from .datastore import StoredDataset, load_into_store
 from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
 from .evaluate import metrics_from_logits, predict_logits, validation_metrics
@@ -156,7 +156,12 @@ def load_data(config: TrainConfig, emit: Callback) -> RunData:
         c.data,
         cache_root=cache_root(c),
         tier=prep.tier,
-        options=DatasetOptions(val_fraction=c.val_fraction, test_fraction=c.test_fraction, seed=c.seed),
+        options=DatasetOptions(
+            val_fraction=c.val_fraction,
+            test_fraction=c.test_fraction,
+            seed=c.seed,
+            files=read_split_file(c.split_file) if c.split_file else None,
+        ),
         extract_dir=cache_root(c) / "extracted",
         progress=lambda done, total: emit(Progress("data", done, total)),
         max_bytes=c.cache_max_bytes,
@@ -166,6 +171,25 @@ def load_data(config: TrainConfig, emit: Callback) -> RunData:
         stored.close()
         raise ConfigError(["the dataset has no validation images"])
     return RunData(stored.dataset, prep, stored, splits["train"], splits["val"], splits["test"])
+
+
+def split_summary(dataset: Dataset, config: TrainConfig) -> dict[str, Any]:
+    """How the run's images are split, for whoever shows it: the source and the counts per class."""
+    if dataset.recorded_split:
+        source = "recorded"
+    elif dataset.explicit_split:
+        source = "folders"
+    else:
+        source = "drawn"
+    counts = dataset.counts()
+    return {
+        "source": source,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "test_fraction": config.test_fraction,
+        "counts": counts,
+        "totals": {split: sum(c[split] for c in counts.values()) for split in ("train", "val", "test")},
+    }
 
 
 def load_model(config: TrainConfig, num_classes: int) -> BuiltModel:
@@ -390,6 +414,7 @@ class _Run:
                 self.progress.total_epochs,
                 str(self.rt.device),
                 resumed_from_epoch=self.state.last_epoch,
+                split=split_summary(data.dataset, c),
             )
         )
         try:

@@ -1,7 +1,8 @@
-"""datasets checked in the background
+"""datasets checked in the background, jobs record their split
 
 A dataset row exists while its upload is checked: ``status`` (checking, ready, refused), the check's
 ``progress``, the refusal's ``error`` and the checker's lease. Rows made before this revision are ready.
+A job records the split it trains on (``data_split``: where it came from and the counts per class).
 
 Revision ID: 3b9d2f6a71c4
 Revises: fdccf5a15679
@@ -31,9 +32,13 @@ def upgrade() -> None:
         batch_op.create_check_constraint(
             batch_op.f('ck_datasets_status'), "status IN ('checking', 'ready', 'refused')"
         )
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('data_split', JSON, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('data_split')
     op.execute("DELETE FROM datasets WHERE status != 'ready'")
     with op.batch_alter_table('datasets', schema=None) as batch_op:
         batch_op.drop_constraint(batch_op.f('ck_datasets_status'), type_='check')

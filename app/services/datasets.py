@@ -45,6 +45,7 @@ UPLOAD_TIER = 256
 IMAGES_DIR = "images"
 REPORT_FILE = "report.json"
 FILES_FILE = "files.jsonl"
+SPLITS_DIR = "splits"  # lists of the dataset's images for jobs that split them their own way
 THUMBNAILS_PER_CLASS = 4
 THUMBNAIL_SIZE = 160
 ACTIVE_JOB_STATUSES = ("queued", "running")
@@ -109,11 +110,12 @@ def check_upload(
         received.names.write(images)
     shutil.rmtree(temp / INCOMING_DIR, ignore_errors=True)
     writer = store.writer(staged=True)
+    options = DatasetOptions(max_pixels=settings.max_image_pixels)
     try:
         fill = StoreFill(store, UPLOAD_TIER, writer, strict=False, max_pixels=settings.max_image_pixels)
         dataset = load_dataset(
             images,
-            options=DatasetOptions(max_pixels=settings.max_image_pixels),
+            options=options,
             store=fill,
             progress=lambda done, total: report_progress("checking", done, total),
         )
@@ -126,6 +128,8 @@ def check_upload(
     # root so file paths in the report resolve, and never show the server's absolute paths.
     report["root"] = str(dataset.root.relative_to(images)) if dataset.root != images else "."
     report["samples"] = _samples(report["files"], report["classes"])
+    # What drew the split: a job with the same seed and fractions trains on exactly this split.
+    report["split_options"] = split_options(options.seed, options.val_fraction, options.test_fraction)
     size = sum(f.stat().st_size for f in images.rglob("*") if f.is_file())
     return CheckedDataset(images, report, size, writer)
 
@@ -243,6 +247,38 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
             out[key] = items[:SUMMARY_LIST_LIMIT]
         out[f"{key}_total"] = len(items)
     return out
+
+
+def split_options(seed: int, val_fraction: float, test_fraction: float) -> dict[str, Any]:
+    return {"seed": seed, "val_fraction": val_fraction, "test_fraction": test_fraction}
+
+
+# Datasets uploaded before the options were recorded were split with the defaults.
+DEFAULT_SPLIT_OPTIONS = split_options(0, 0.1, 0.1)
+
+
+def split_file_for(storage: Storage, dataset: Dataset, seed: int, val_fraction: float, test_fraction: float) -> Path:
+    """The list of images a job on ``dataset`` trains on, for the engine's ``split_file``: the dataset's own
+    record (the images its check accepted, in the split its page shows) when the job asks for the split the
+    dataset was made with; otherwise the same images without their split, so the job draws its own with its
+    seed and fractions (and records it in its run folder and on its row). Lists live in the dataset's folder,
+    one per set of options, written once (atomically) and shared by every job that asks for them."""
+    recorded = (dataset.report or {}).get("split_options") or DEFAULT_SPLIT_OPTIONS
+    own = recorded == split_options(seed, val_fraction, test_fraction)
+    folder = storage.path(dataset.storage_key)
+    if own and (folder / FILES_FILE).exists():
+        return folder / FILES_FILE
+    name = "recorded.jsonl" if own else f"seed{seed}-val{val_fraction:g}-test{test_fraction:g}.jsonl"
+    target = folder / SPLITS_DIR / name
+    if not target.exists():
+        target.parent.mkdir(exist_ok=True)
+        tmp = target.with_name(f".{name}.{new_id()}.tmp")
+        with open(tmp, "w") as f:
+            for entry in iter_files(storage, dataset):
+                line = {"stored": entry.get("stored", entry["path"]), "split": entry["split"] if own else None}
+                f.write(json.dumps(line) + "\n")
+        tmp.replace(target)
+    return target
 
 
 def dataset_images_folder(storage: Storage, dataset: Dataset) -> Path:

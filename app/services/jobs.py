@@ -17,7 +17,7 @@ from finetune import weights as engine_weights
 from finetune.config import TrainConfig
 
 # Settings a user never chooses for a server-side job: where data and runs live, which device.
-SERVER_OWNED = {"data", "out", "cache_dir", "cache_max_bytes", "weights_dir", "device"}
+SERVER_OWNED = {"data", "out", "cache_dir", "cache_max_bytes", "split_file", "weights_dir", "device"}
 USER_WEIGHTS = ("imagenet", "none")  # a path on the server is never accepted from a client
 # Fields a client may send (a job it read back, say) but never sets: the server decides them. They are
 # dropped; any other unknown field is still a 422 (a typo in a hyperparameter must not go unnoticed).

@@ -39,6 +39,7 @@ SNEAKY: dict[str, Any] = {
     "out": "/tmp/elsewhere",
     "cache_dir": "/tmp/cache",
     "cache_max_bytes": 1,
+    "split_file": "/etc/passwd",
     "weights_dir": "/tmp/weights",
     "device": "cuda:7",
 }

@@ -487,3 +487,43 @@ def test_two_folders_for_one_split_are_refused(tmp_path: Path) -> None:
     files = {f"{split}/{c}/{i}.png": next(pngs) for split in ("train", "Training", "val") for c in "ab" for i in (0, 1)}
     with pytest.raises(FolderNameClashError, match="the folders 'Training', 'train' all hold the train split"):
         load(build(tmp_path / "d", files))
+
+
+# -- a recorded list of images and their split ---------------------------------------------------------------
+
+
+def test_a_recorded_split_is_used_exactly_and_nothing_else_is_read(tmp_path: Path) -> None:
+    root = build(tmp_path / "d", two_classes(n=10))
+    first = load(root, seed=3)
+    recorded = {s.path: s.split for s in first.samples if s.path != "red/00.png"}  # one image left out
+    again = load(root, seed=99, val_fraction=0.4, files=recorded)  # another seed: ignored, the record rules
+    assert {s.path: s.split for s in again.samples} == recorded
+    assert again.report()["recorded_split"] is True and again.skipped == []
+
+
+def test_a_recorded_list_without_splits_is_split_with_the_runs_options(tmp_path: Path) -> None:
+    root = build(tmp_path / "d", two_classes(n=10))
+    listed = {f"red/{i:02d}.png": None for i in range(1, 10)} | {f"blue/{i:02d}.png": None for i in range(10, 20)}
+    a = load(root, seed=5, files=listed)
+    assert {s.path for s in a.samples} == set(listed) and not a.report()["recorded_split"]
+    assert {s.path: s.split for s in a.samples} == {s.path: s.split for s in load(root, seed=5, files=listed).samples}
+    assert {s.path: s.split for s in a.samples} != {s.path: s.split for s in load(root, seed=6, files=listed).samples}
+
+
+def test_a_recorded_file_that_disappeared_is_an_error(tmp_path: Path) -> None:
+    root = build(tmp_path / "d", two_classes(n=4))
+    recorded = {s.path: s.split for s in load(root).samples}
+    (root / "red" / "00.png").unlink()
+    with pytest.raises(DatasetError, match="not in the dataset folder any more"):
+        load(root, files=recorded)
+
+
+def test_a_split_file_is_read_line_by_line(tmp_path: Path) -> None:
+    from finetune.dataset import read_split_file
+
+    path = tmp_path / "split.jsonl"
+    path.write_text('{"stored": "a/1.png", "path": "A/1.png", "split": "val"}\n{"path": "b/2.png", "split": null}\n')
+    assert read_split_file(path) == {"a/1.png": "val", "b/2.png": None}
+    path.write_text('{"stored": "a/1.png"}\nnot json\n')
+    with pytest.raises(DatasetError, match="line 2"):
+        read_split_file(path)
