@@ -170,10 +170,39 @@ class Normalizer:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 
+    def normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        """``normalize`` in place, into ``x`` (float, in the memory format wanted): the same values."""
+        torch.addcmul(self.shift, x, self.scale, out=x)
+        return x
+
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 255]. The permuted view of NHWC storage is already channels-last."""
     return x.permute(0, 3, 1, 2).float()
+
+
+class _BatchBuffers:
+    """Output buffers for CPU batches, one per slot of a ring and reused: a fresh 40 MB float batch costs more
+    in page faults (the kernel zeroing new pages) than the crops that fill it."""
+
+    def __init__(self, slots: int, batch: int, size: int) -> None:
+        self.batch, self.size = batch, size
+        self._slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * slots
+        self._lock = threading.Lock()
+
+    def get(self, k: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8, float32) channels-last (b, 3, size, size) buffers for the k-th batch."""
+        slot = k % len(self._slots)
+        with self._lock:
+            pair = self._slots[slot]
+            if pair is None:
+                shape = (self.batch, 3, self.size, self.size)
+                pair = (
+                    torch.empty(shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last),
+                    torch.empty(shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last),
+                )
+                self._slots[slot] = pair
+        return pair[0][:b], pair[1][:b]
 
 
 def sample_crops(
@@ -265,19 +294,31 @@ class TrainAugment:
             )
             for idx in order
         ]
+        ahead = 2 * self.workers
+        # A yielded batch stays valid until the consumer has taken two more (it holds one at a time).
+        buffers = _BatchBuffers(ahead + 3, max((len(idx) for idx in order), default=1), self.out)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="augment") as pool:
-            yield from ordered_map(pool, lambda plan: self._cpu_batch(images, *plan), plans, ahead=2 * self.workers)
+            yield from ordered_map(
+                pool,
+                lambda plan: self._cpu_batch(images, buffers, *plan),
+                [(k, *plan) for k, plan in enumerate(plans)],
+                ahead=ahead,
+            )
 
     def _flips(self, b: int, generator: torch.Generator) -> torch.Tensor:
         return (torch.rand(b, generator=generator) < 0.5) if self.hflip else torch.zeros(b, dtype=torch.bool)
 
     def _cpu_batch(
-        self, images: StoredImages, idx: Sequence[int], boxes: list[list[int]], flips: list[bool]
+        self,
+        images: StoredImages,
+        buffers: _BatchBuffers,
+        k: int,
+        idx: Sequence[int],
+        boxes: list[list[int]],
+        flips: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         images.advise(idx)
-        out = torch.empty(len(idx), 3, self.out, self.out, dtype=torch.uint8).contiguous(
-            memory_format=torch.channels_last
-        )
+        out, normalized = buffers.get(k, len(idx))
         for j, (i, (top, left, bh, bw), flip) in enumerate(zip(idx, boxes, flips, strict=True)):
             a = images.pixels(i)
             crop = torch.from_numpy(a[top : top + bh, left : left + bw].copy()).permute(
@@ -287,7 +328,8 @@ class TrainAugment:
                 crop.unsqueeze(0), size=(self.out, self.out), mode="bilinear", antialias=True, align_corners=False
             )
             out[j] = resized[0].flip(-1) if flip else resized[0]
-        return self.normalize.normalize(out.float()), images.labels[list(idx)]
+        normalized.copy_(out)
+        return self.normalize.normalize_(normalized), images.labels[list(idx)]
 
     def __call__(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """The CUDA path for one padded batch: one ``grid_sample`` for every crop, resize and flip."""
