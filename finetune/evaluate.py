@@ -79,8 +79,15 @@ def predict_logits(
     normalize = Normalizer(prep, device, channels_last)
     outs: list[torch.Tensor] = []
     order = batches(len(images), batch_size)
+    reused: torch.Tensor | None = None  # on the CPU, one float batch filled again each time (no page faults)
     for batch in prefetch(images.center_crops(idx, prep) for idx in order):
-        x = normalize(batch.pixels.to(device, non_blocking=True))
+        if device.type == "cpu":
+            if reused is None or reused.shape[0] < len(batch.pixels):
+                b, h, w, _ = batch.pixels.shape
+                reused = torch.empty((b, 3, h, w)).contiguous(memory_format=normalize.memory_format)
+            x = normalize.normalize_(reused[: len(batch.pixels)].copy_(batch.pixels.permute(0, 3, 1, 2)))
+        else:
+            x = normalize(batch.pixels.to(device, non_blocking=True))
         with autocast():
             out = model(x)
         outs.append(out.float().cpu())

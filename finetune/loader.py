@@ -161,6 +161,7 @@ class Normalizer:
         self.scale = 1.0 / (255.0 * std)
         self.shift = -mean / std
         self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(to_float(x))
