@@ -57,6 +57,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from .checkpoint import fsync_dir
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -168,14 +169,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PixelStore:
@@ -409,7 +402,7 @@ class PixelStore:
             self._make_room(0, pin.shards if pin is not None else set())  # the file is counted as building
             target = self.shards_dir / path.name
             os.replace(path, target)
-            _fsync_dir(self.shards_dir)
+            fsync_dir(self.shards_dir)
             self._insert_shard(shard, nbytes, index)
             if pin is not None:
                 pin._add_locked({shard})

@@ -5,17 +5,13 @@ nothing else, an interrupted check is given up, and at scale (5,000 images) the 
 from __future__ import annotations
 
 import io
-import os
 import resource
-import subprocess
-import sys
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 
 from app.db import session_scope
@@ -26,7 +22,6 @@ from tests.app.conftest import (
     assert_error,
     count_rows,
     dataset_files,
-    settings_env,
     sqlite_only,
     wait_for_job,
     wait_until,
@@ -152,39 +147,6 @@ def test_the_check_reports_each_phase(tmp_path: Path, settings: Settings, client
 # -- at scale -----------------------------------------------------------------------------------------------
 
 OPEN_FILES = 256
-LIMITED_WORKER = (
-    "import ctypes, os, resource, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
-    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
-    "os.execv(sys.executable, [sys.executable, '-m', 'app.cli', 'worker'])"
-)
-
-
-@pytest.fixture
-def limited_worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    """A real worker (and so its job processes) with an open-file limit of 256."""
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> subprocess.Popen[bytes]:
-        log = open(settings.data_dir.parent / "worker.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [sys.executable, "-c", LIMITED_WORKER, str(os.getpid()), str(OPEN_FILES)],
-            env=settings_env(settings),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[2],
-        )
-        log.close()
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _open_files_limit(pid: int) -> int | None:
@@ -202,7 +164,7 @@ def _open_files_limit(pid: int) -> int | None:
 
 @sqlite_only
 def test_5000_images_uploaded_checked_and_trained_under_256_open_files(
-    client: TestClient, settings: Settings, tmp_path: Path, limited_worker: Callable[[], Any]
+    client: TestClient, settings: Settings, tmp_path: Path, start_worker: Callable[..., Any]
 ) -> None:
     assert resource.getrlimit(resource.RLIMIT_NOFILE)[1] >= OPEN_FILES
     data = folder_zip(tiny_greyscale_folder(tmp_path / "digits", 5000))
@@ -226,7 +188,7 @@ def test_5000_images_uploaded_checked_and_trained_under_256_open_files(
     usage = client.app.state.pixel_store.usage()  # type: ignore[attr-defined]
     assert usage["entries"] == 5000 and usage["used_bytes"] / 5000 <= 4096
 
-    worker = limited_worker()
+    worker = start_worker(open_files=OPEN_FILES)
     limits = wait_until(lambda: _open_files_limit(worker.pid), 30, "the worker to start")
     assert limits == OPEN_FILES  # and its job processes inherit it
     job = client.post(
