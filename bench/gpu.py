@@ -86,6 +86,7 @@ def ours(
     compile_model: bool,
     warmup: int = 15,
 ) -> dict[str, Any]:
+    from finetune.dataset import DatasetOptions
     from finetune.datastore import load_into_store
     from finetune.loader import TrainAugment, batches
     from finetune.models import build_model, forward_logits
@@ -94,9 +95,12 @@ def ours(
     built = build_model(arch, len(classes), "none")
     prep = built.preprocessing
     # The engine's own data path: every image checked and decoded once into the pixel store, then read
-    # from its memory-mapped shards.
-    stored = load_into_store(data, cache_root=cache, tier=prep.tier)
-    images = stored.splits["train"]
+    # from its memory-mapped shards. All of train/ is trained on, as the tutorial arm does: no split drawn
+    # (evaluate_only puts every usable image in one split, "test").
+    stored = load_into_store(
+        data / "train", cache_root=cache, tier=prep.tier, options=DatasetOptions(evaluate_only=True)
+    )
+    images = stored.splits["test"]
     model = built.model.to(device).to(memory_format=torch.channels_last).train()
     step_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
