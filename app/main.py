@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from fastapi.concurrency import run_in_threadpool
 
 from app.api.routes import datasets, health, jobs, models, predict, weights
 from app.db import session_factory
@@ -15,10 +16,12 @@ from app.jobs.queue import JobQueue
 from app.observability import Metrics, MetricsMiddleware
 from app.pages import routes as pages
 from app.security import check_dependencies
+from app.services.dataset_checks import DatasetChecks
 from app.services.ratelimit import RateLimits
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
 from app.storage import Storage
+from finetune.datastore import open_store
 
 log = logging.getLogger(__name__)
 API_PREFIX = "/api/v1"
@@ -32,9 +35,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         app.state.storage.clean_temp()
+        app.state.dataset_checks.sweep()  # uploads a previous run of the service was checking when it stopped
         yield
+        await run_in_threadpool(app.state.dataset_checks.shutdown)
         await app.state.model_cache.close()
         app.state.queue.close()
+        app.state.pixel_store.close()
 
     app = FastAPI(
         title="finetune-service",
@@ -46,6 +52,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings.db_url)
     app.state.storage = Storage(settings.data_dir)
     app.state.queue = JobQueue(settings)
+    # This host's pixel store: uploads stage their decoded pixels in it; /readyz and /metrics report it.
+    app.state.pixel_store = open_store(settings.cache_dir, max_bytes=settings.cache_max_bytes)
+    app.state.dataset_checks = DatasetChecks(settings, app.state.sessions, app.state.storage, app.state.pixel_store)
     app.state.rate_limits = RateLimits.from_settings(settings)
     app.state.metrics = metrics = Metrics()
     app.state.model_cache = ModelCache(

@@ -49,6 +49,13 @@ class Metrics:
         self.predict_images = Counter("finetune_predict_images", "images classified", registry=r)
         self.model_cache_size = Gauge("finetune_model_cache_size", "models loaded for prediction", registry=r)
         self.model_loads = Counter("finetune_model_loads", "models loaded into the prediction cache", registry=r)
+        self.pixel_store = Gauge(
+            "finetune_pixel_store_bytes",
+            "this host's pixel store: used, pinned by running jobs, being built, and the budget (max)",
+            ["kind"],
+            registry=r,
+        )
+        self.pixel_store_shards = Gauge("finetune_pixel_store_shards", "shard files in the pixel store", registry=r)
 
     def observe_batch(self, size: int) -> None:
         self.predict_batch_size.observe(size)
@@ -140,3 +147,12 @@ def scrape_values(app: Any) -> None:
     cache = getattr(app.state, "model_cache", None)
     if cache is not None:
         metrics.model_cache_size.set(len(cache))
+    store = getattr(app.state, "pixel_store", None)
+    if store is not None:
+        try:
+            usage = store.usage()
+            for kind in ("used", "pinned", "building", "max"):
+                metrics.pixel_store.labels(kind).set(usage[f"{kind}_bytes"])
+            metrics.pixel_store_shards.set(usage["shards"])
+        except Exception:
+            log.exception("could not read the pixel store's usage")

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,10 +30,11 @@ class Settings(BaseSettings):
     port: int = 8000
 
     # Uploads
-    max_upload_bytes: int = Field(2 * 1024**3, description="largest dataset upload (zip or files), bytes")
+    max_upload_bytes: int = Field(16 * 1024**3, description="largest dataset upload (zip or files), bytes")
     max_upload_files: int = Field(50_000, description="most files in one folder upload")
-    max_archive_entries: int = 100_000
-    max_extracted_bytes: int = Field(8 * 1024**3, description="most bytes a dataset zip may expand to")
+    max_archive_entries: int = Field(1_000_000, description="most entries in a dataset zip")
+    max_extracted_bytes: int = Field(64 * 1024**3, description="most bytes a dataset zip may expand to")
+    max_concurrent_checks: int = Field(2, ge=1, description="uploads checked at once by one API process")
     max_compression_ratio: float = Field(
         200.0, description="most a zip entry may expand over its compressed size (images hardly compress; bombs do)"
     )
@@ -61,8 +62,22 @@ class Settings(BaseSettings):
     max_queued_jobs_per_user: int = Field(20, ge=0, description="jobs one user may have waiting in the queue")
 
     # Engine
+    cache_max_bytes: int | None = Field(
+        None,
+        description="byte budget of this host's pixel store (decoded images), e.g. 50000000000 or 50G; least "
+        "recently used shards beyond it are evicted; default: a fifth of the disk holding the cache",
+    )
     weights_dir: Path | None = Field(None, description="torchvision weights folder (default: torch's cache)")
     assets_dir: Path = Field(REPO_ROOT / "node_modules", description="where `make install` put the chart library")
+
+    @field_validator("cache_max_bytes", mode="before")
+    @classmethod
+    def _byte_count(cls, value: object) -> object:
+        if isinstance(value, str):
+            from finetune.pixelstore import parse_bytes
+
+            return parse_bytes(value) if value.strip() else None
+        return value
 
     @model_validator(mode="after")
     def _absolute_paths(self) -> Settings:

@@ -15,7 +15,6 @@ generated, weights are random. For resnet18, resnet50, alexnet and googlenet at 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -87,26 +86,21 @@ def ours(
     compile_model: bool,
     warmup: int = 15,
 ) -> dict[str, Any]:
-    from finetune.dataset import Sample
-    from finetune.images import decode_for_size
-    from finetune.loader import CachedImages, TrainAugment, batches
+    from finetune.dataset import DatasetOptions
+    from finetune.datastore import load_into_store
+    from finetune.loader import TrainAugment, batches
     from finetune.models import build_model, forward_logits
-    from finetune.pixelcache import PixelCache
 
-    files = sorted((data / "train").rglob("*.jpg"))
-    classes = sorted({f.parent.name for f in files})
+    classes = sorted(p.name for p in (data / "train").iterdir() if p.is_dir())
     built = build_model(arch, len(classes), "none")
     prep = built.preprocessing
-    pixels = PixelCache(cache, prep.resize_size)
-    samples = []
-    for f in files:  # the decode-once cache, keyed by content as the engine fills it
-        data_bytes = f.read_bytes()
-        sha = hashlib.sha256(data_bytes).hexdigest()
-        if pixels.original_size(sha) is None:
-            img, orig = decode_for_size(data_bytes, prep.resize_size)
-            pixels.store(sha, img, orig)
-        samples.append(Sample(str(f), classes.index(f.parent.name), "train", sha, 0, 0))
-    images = CachedImages(pixels, samples)
+    # The engine's own data path: every image checked and decoded once into the pixel store, then read
+    # from its memory-mapped shards. All of train/ is trained on, as the tutorial arm does: no split drawn
+    # (evaluate_only puts every usable image in one split, "test").
+    stored = load_into_store(
+        data / "train", cache_root=cache, tier=prep.tier, options=DatasetOptions(evaluate_only=True)
+    )
+    images = stored.splits["test"]
     model = built.model.to(device).to(memory_format=torch.channels_last).train()
     step_model = torch.compile(model) if compile_model else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")

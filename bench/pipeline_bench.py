@@ -20,17 +20,15 @@ from bench.reference import tutorial_transforms
 
 
 def ours_epoch(data_dir: Path, crop: int, cache_root: Path, batch_size: int = 32) -> tuple[float, float]:
-    """(first epoch images/s including the one-time decode into the cache, later epoch images/s)."""
-    from finetune.dataset import load_dataset
-    from finetune.loader import CachedImages, TrainAugment, batches
+    """(first epoch images/s including the one-time decode into the pixel store, later epoch images/s)."""
+    from finetune.datastore import load_into_store
+    from finetune.loader import TrainAugment, batches
     from finetune.models import preprocessing_for
-    from finetune.pixelcache import PixelCache
 
     prep = preprocessing_for("resnet18", "none", crop)
-    cache = PixelCache(cache_root / "pixels", prep.resize_size)
     t0 = time.perf_counter()
-    ds = load_dataset(data_dir, pixel_cache=cache)
-    images = CachedImages(cache, ds.split("train"))
+    stored = load_into_store(data_dir, cache_root=cache_root, tier=prep.tier)
+    images = stored.splits["train"]
     augment = TrainAugment(prep, torch.device("cpu"), channels_last=True, scale=(0.08, 1.0))
 
     def one_epoch(seed: int) -> int:
@@ -45,6 +43,7 @@ def ours_epoch(data_dir: Path, crop: int, cache_root: Path, batch_size: int = 32
     t1 = time.perf_counter()
     n = one_epoch(1)
     later = n / (time.perf_counter() - t1)
+    stored.close()
     return first, later
 
 

@@ -203,6 +203,7 @@ def extract_zip(
     *,
     display_name: str | None = None,
     rename: Rename | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """Extract the images and folders of ``archive`` into ``dest`` (which must not exist yet).
 
@@ -212,7 +213,8 @@ def extract_zip(
 
     ``rename`` maps each entry's checked relative path to the relative path it is written to (e.g. a
     ``StoredNames``, which also writes its ``NAMES_FILE`` into ``dest``); without it, entries keep their
-    (checked) names. Either way the result is checked again: it must stay inside ``dest``.
+    (checked) names. Either way the result is checked again: it must stay inside ``dest``. ``progress``
+    is called with (files extracted, files in the archive) every few hundred files.
     """
     limits = limits or ArchiveLimits()
     archive, dest = Path(archive), Path(dest)
@@ -221,7 +223,7 @@ def extract_zip(
     tmp = dest.with_name(f".{dest.name}.extract-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        _extract_into(archive, tmp, limits, display_name or archive.name, rename)
+        _extract_into(archive, tmp, limits, display_name or archive.name, rename, progress)
         if isinstance(rename, StoredNames):
             rename.write(tmp)
         tmp.rename(dest)
@@ -231,7 +233,14 @@ def extract_zip(
     return dest
 
 
-def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str, rename: Rename | None) -> None:
+def _extract_into(
+    archive: Path,
+    root: Path,
+    limits: ArchiveLimits,
+    name: str,
+    rename: Rename | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
@@ -247,6 +256,7 @@ def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str, r
         if len(infos) > limits.max_entries:
             raise UnsafeArchiveError(f"archive has {len(infos)} entries, more than the limit of {limits.max_entries}")
         plan = [(info, _check_entry(info, limits)) for info in infos]
+        expected = sum(1 for info, relative in plan if relative is not None and not info.is_dir())
         total = 0
         files = 0
         for info, relative in plan:
@@ -264,6 +274,8 @@ def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str, r
             target.parent.mkdir(parents=True, exist_ok=True)
             total += _copy_entry(zf, info, target, limits, already=total)
             files += 1
+            if progress is not None and (files % 256 == 0 or files == expected):
+                progress(files, expected)
         if files == 0:
             raise DatasetError(f"{name} holds no files")
 

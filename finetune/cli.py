@@ -146,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--files", action="store_true", help="list every file and its split")
     i.add_argument("--json", action="store_true")
 
+    c = sub.add_parser(
+        "cache",
+        help="show the pixel store (decoded images) and its budget, or clear it",
+        description="The pixel store keeps every checked image decoded, packed in a few shard files, within "
+        "a byte budget (--max-bytes or $FINETUNE_CACHE_MAX_BYTES; default a fifth of the disk). "
+        "`clear` drops every shard no running job is reading; they are rebuilt when needed.",
+    )
+    c.add_argument("action", nargs="?", choices=("info", "clear"), default="info")
+    c.add_argument("--cache-dir", help="the cache folder (default ~/.cache/finetune)")
+    c.add_argument("--json", action="store_true")
+
     w = sub.add_parser("weights", help="list, fetch or import pretrained ImageNet weights")
     wsub = w.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
     wl = wsub.add_parser("list", help="show which ImageNet weight files are cached and verified")
@@ -390,11 +401,34 @@ def cmd_weights(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace, out: Output) -> int:
+    from .datastore import open_store
+    from .runtime import default_cache_dir
+
+    store = open_store(Path(args.cache_dir) if args.cache_dir else default_cache_dir())
+    try:
+        freed = store.evict_all_unpinned() if args.action == "clear" else None
+        usage = store.usage()
+    finally:
+        store.close()
+    if out.as_json:
+        out.json({"root": str(store.root), **usage, **({"freed_bytes": freed} if freed is not None else {})})
+        return EXIT_OK
+    if freed is not None:
+        out.line(f"cleared {freed / 1e6:.1f} MB")
+    out.line(
+        f"{store.root}: {usage['entries']} images in {usage['shards']} shards, {usage['used_bytes'] / 1e6:.1f} MB "
+        f"of a {usage['max_bytes'] / 1e9:.2f} GB budget ({usage['pinned_bytes'] / 1e6:.1f} MB in use by running jobs)"
+    )
+    return EXIT_OK
+
+
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "predict": cmd_predict,
     "inspect": cmd_inspect,
+    "cache": cmd_cache,
     "weights": cmd_weights,
 }
 

@@ -101,6 +101,20 @@ class TrainConfig:
         None, "cache folder for decoded pixels, features and extracted zips (default ~/.cache/finetune)", tunable=False
     )
     weights_dir: str | None = _f(None, "folder of torchvision weight files (default: torch's cache)", tunable=False)
+    split_file: str | None = _f(
+        None,
+        'use only the images a JSON Lines file lists ({"path": ..., "split": ...} a line, paths under the '
+        "dataset folder): with every split given, that split; with null splits, split with seed and fractions",
+        tunable=False,
+    )
+    cache_max_bytes: int | None = _f(
+        None,
+        "byte budget of the pixel store in the cache folder (default: $FINETUNE_CACHE_MAX_BYTES, else a fifth "
+        "of its disk); least recently used shards are evicted beyond it",
+        min=0,
+        max=2**60,
+        tunable=False,
+    )
 
     # ----------------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:

@@ -1,6 +1,6 @@
 """Datasets: an image folder (one sub-folder per class) or a zip of one, verified, split and reported.
 
-``load_dataset`` is the single entry point. It decodes every file once (into the pixel cache when one is
+``load_dataset`` is the single entry point. It decodes every file once (into the pixel store when one is
 given, so training never decodes it again), skips and reports what cannot be used, splits the rest
 (stratified and seeded, or the ``train/``/``val/``/``test/`` split the folder already has) and returns a
 ``Dataset`` whose ``report()`` is JSON-serialisable.
@@ -14,15 +14,19 @@ import os
 import random
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from .archive import ArchiveLimits, check_distinct_folders, extract_zip, is_junk, read_names, shown_folder
 from .errors import DatasetError, FolderNameClashError, ImageError
 from .images import DEFAULT_MAX_PIXELS, decode_for_size
-from .pixelcache import PixelCache
+from .preprocess import stored_pixels
+
+if TYPE_CHECKING:
+    from .datastore import StoreFill
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,9 @@ class DatasetOptions:
     # Evaluation of a trained model: every usable image goes to "test", no split rules apply.
     evaluate_only: bool = False
     archive_limits: ArchiveLimits = field(default_factory=ArchiveLimits)
+    # A recorded list of the images to use, {path under the dataset root: its split, or None}: nothing else
+    # is read. With every split given, that is the split; otherwise the listed images are split here.
+    files: Mapping[str, str | None] | None = None
 
     def validate(self) -> None:
         problems = []
@@ -67,6 +74,8 @@ class DatasetOptions:
             problems.append(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if self.val_fraction + self.test_fraction >= 0.9:
             problems.append("val_fraction + test_fraction must leave at least 10% of images for training")
+        if self.files is not None and not set(self.files.values()) <= {*SPLITS, None}:
+            problems.append(f"a recorded split must be one of {', '.join(SPLITS)}")
         if problems:
             from .errors import ConfigError
 
@@ -107,6 +116,7 @@ class Dataset:
     # {stored path: original path}, both relative to ``root``, for files stored under generated names
     # (``finetune.archive.StoredNames``); the report shows the originals. Empty: names are as stored.
     names: dict[str, str] = field(default_factory=dict)
+    recorded_split: bool = False  # the split came from a recorded list (``DatasetOptions.files``)
 
     def display(self, path: str) -> str:
         """The name to show for a stored relative path: the user's original name when it was renamed."""
@@ -145,6 +155,7 @@ class Dataset:
             "classes": self.classes,
             "num_images": len(self.samples),
             "split": "explicit" if self.explicit_split else "stratified",
+            "recorded_split": self.recorded_split,
             "counts": counts,
             "split_totals": {sp: sum(c[sp] for c in counts.values()) for sp in SPLITS},
             "image_size": _size_stats(widths, heights),
@@ -169,13 +180,13 @@ def load_dataset(
     source: str | Path,
     *,
     options: DatasetOptions | None = None,
-    pixel_cache: PixelCache | None = None,
+    store: StoreFill | None = None,
     extract_dir: str | Path | None = None,
     progress: ProgressFn | None = None,
 ) -> Dataset:
     """Read, verify, split and report a dataset folder or ``.zip``.
 
-    With ``pixel_cache``, the verification decode fills the cache (and files already in it are not
+    With ``store``, the verification decode fills the pixel store (and files already in it are not
     decoded again). A zip is extracted safely into ``extract_dir`` (required for zips) first.
     Raises ``DatasetError`` when the dataset cannot be used at all.
     """
@@ -194,10 +205,15 @@ def load_dataset(
     root = _descend_wrapper_folders(root)
     layout = _find_layout(root)
     candidates, skipped, ignored = _collect_files(root, layout, options)
+    recorded = options.files is not None and None not in options.files.values()
+    if options.files is not None:
+        candidates, skipped = _recorded_only(candidates, options.files), []  # the rest was reported then
     classes = sorted({c for _, c, _ in candidates})
     if len(candidates) > options.max_files:
         raise DatasetError(f"dataset has {len(candidates)} files, more than the limit of {options.max_files}")
-    checked = _verify_all(root, candidates, options, pixel_cache, progress)
+    if store is not None:
+        store.expect(len(candidates))
+    checked = _verify_all(root, candidates, options, store, progress)
     samples_raw: list[tuple[str, str, str | None, str, int, int]] = []
     for (rel, cls, split), outcome in zip(candidates, checked, strict=True):
         if isinstance(outcome, str):
@@ -212,6 +228,10 @@ def load_dataset(
             raise DatasetError(f"no usable image in {source}")
         samples = [Sample(r, label_of[c], "test", sha, w, h) for r, c, _, sha, w, h in samples_raw]
         explicit = True
+    elif recorded:
+        assert options.files is not None
+        samples = [Sample(r, label_of[c], str(options.files[r]), sha, w, h) for r, c, _, sha, w, h in samples_raw]
+        _check_classes(classes, [(r, c, options.files[r]) for r, c, *_ in samples_raw], True)
     elif explicit:
         _check_classes(classes, samples_raw, explicit)
         samples = [Sample(r, label_of[c], sp or "train", sha, w, h) for r, c, sp, sha, w, h in samples_raw]
@@ -225,7 +245,7 @@ def load_dataset(
         samples = _stratified_split(samples_raw, label_of, options)
     samples.sort(key=lambda s: s.path)
     skipped.sort(key=lambda s: s.path)
-    dataset = Dataset(root, classes, samples, skipped, explicit, [], [], _names_below(names, base, root))
+    dataset = Dataset(root, classes, samples, skipped, explicit, [], [], _names_below(names, base, root), recorded)
     dataset.duplicates, dup_warnings = _duplicates(dataset)
     dataset.warnings = (
         [Warning_("ignored_folder", f"folder {name!r} is not a split and was ignored") for name in ignored]
@@ -235,6 +255,41 @@ def load_dataset(
     if skipped:
         dataset.warnings.append(Warning_("skipped_files", f"{len(skipped)} file(s) could not be used"))
     return dataset
+
+
+def _recorded_only(
+    candidates: list[tuple[str, str, str | None]], files: Mapping[str, str | None]
+) -> list[tuple[str, str, str | None]]:
+    """The candidates a recorded list names; every listed file must still be there."""
+    kept = [c for c in candidates if c[0] in files]
+    if len(kept) != len(files):
+        present = {c[0] for c in kept}
+        missing = sorted(f for f in files if f not in present)
+        raise DatasetError(
+            f"{len(missing)} recorded file(s) are not in the dataset folder any more (e.g. {missing[0]!r})"
+        )
+    return kept
+
+
+def read_split_file(path: str | Path) -> dict[str, str | None]:
+    """A recorded list of images (JSON Lines, one ``{"stored" or "path": ..., "split": ...}`` a line) as
+    ``DatasetOptions.files``."""
+    import json
+
+    files: dict[str, str | None] = {}
+    try:
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    files[str(entry.get("stored") or entry["path"])] = entry.get("split")
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise DatasetError(f"{path}, line {n}: not a recorded split entry ({e})") from None
+    except FileNotFoundError:
+        raise DatasetError(f"split file not found: {path}") from None
+    return files
 
 
 def _names_below(names: dict[str, str], base: Path, root: Path) -> dict[str, str]:
@@ -355,10 +410,13 @@ def _verify_all(
     root: Path,
     candidates: list[tuple[str, str, str | None]],
     options: DatasetOptions,
-    cache: PixelCache | None,
+    store: StoreFill | None,
     progress: ProgressFn | None,
 ) -> list[tuple[str, int, int] | str]:
-    """Decode each file once (threads: Pillow and hashlib release the GIL). Returns (sha, w, h) or a reason."""
+    """Decode each file once (threads: Pillow and hashlib release the GIL). Returns (sha, w, h) or a reason.
+
+    At most a few files per thread are in flight, so memory stays flat however many files there are."""
+    from .loader import ordered_map
 
     def check(rel: str) -> tuple[str, int, int] | str:
         path = root / rel
@@ -371,11 +429,14 @@ def _verify_all(
             return f"cannot read file: {e.strerror or e}"
         sha = hashlib.sha256(data).hexdigest()
         try:
-            if cache is not None:
-                known = cache.original_size(sha)
-                w, h = known if known is not None else cache.add(sha, data)
-            else:
+            if store is None:
                 _, (w, h) = decode_for_size(data, _VERIFY_SIZE, max_pixels=options.max_pixels)
+                return sha, w, h
+            known = store.known(sha)
+            if known is not None and known.orig_width * known.orig_height <= options.max_pixels:
+                return sha, known.orig_width, known.orig_height
+            pixels, (w, h) = stored_pixels(data, store.tier, max_pixels=options.max_pixels)
+            store.add(sha, pixels, (w, h))
         except ImageError as e:
             return str(e)
         return sha, w, h
@@ -384,7 +445,8 @@ def _verify_all(
     results: list[tuple[str, int, int] | str] = []
     workers = options.workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, outcome in enumerate(pool.map(check, [c[0] for c in candidates]), 1):
+        rels = [c[0] for c in candidates]
+        for i, outcome in enumerate(ordered_map(pool, check, rels, ahead=4 * workers), 1):
             results.append(outcome)
             if progress is not None and (i == total or i % 16 == 0):
                 progress(i, total)

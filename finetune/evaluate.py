@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loader import CachedImages, Normalizer, batches, prefetch
+from .loader import Normalizer, StoredImages, batches, prefetch
 from .models import Preprocessing
 
 
@@ -66,7 +65,7 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names:
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
-    images: CachedImages,
+    images: StoredImages,
     prep: Preprocessing,
     device: torch.device,
     *,
@@ -80,8 +79,15 @@ def predict_logits(
     normalize = Normalizer(prep, device, channels_last)
     outs: list[torch.Tensor] = []
     order = batches(len(images), batch_size)
-    for batch in prefetch(images.center_crops(idx, prep.crop_size) for idx in order):
-        x = normalize(batch.pixels.to(device, non_blocking=True))
+    reused: torch.Tensor | None = None  # on the CPU, one float batch filled again each time (no page faults)
+    for batch in prefetch(images.center_crops(idx, prep) for idx in order):
+        if device.type == "cpu":
+            if reused is None or reused.shape[0] < len(batch.pixels):
+                b, h, w, _ = batch.pixels.shape
+                reused = torch.empty((b, 3, h, w)).contiguous(memory_format=normalize.memory_format)
+            x = normalize.normalize_(reused[: len(batch.pixels)].copy_(batch.pixels.permute(0, 3, 1, 2)))
+        else:
+            x = normalize(batch.pixels.to(device, non_blocking=True))
         with autocast():
             out = model(x)
         outs.append(out.float().cpu())
@@ -97,38 +103,46 @@ def evaluate_run(
     device: str = "auto",
     cache_dir: str | Path | None = None,
     batch_size: int = 64,
+    cache_max_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run on every image of a class-folder dataset (folder or zip).
 
     Folder classes must be classes of the model; the report is in the model's class order.
     """
-    from .dataset import DatasetOptions, load_dataset
+    from .dataset import DatasetOptions
+    from .datastore import load_into_store
     from .errors import DatasetError
-    from .pixelcache import PixelCache
     from .predict import Predictor
 
     predictor = Predictor.from_run(run_dir, checkpoint, device)
     cache_root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "finetune"
     prep = predictor.preprocessing
-    pixels = PixelCache(cache_root / "pixels", prep.resize_size)
-    dataset = load_dataset(
-        data, options=DatasetOptions(evaluate_only=True), pixel_cache=pixels, extract_dir=cache_root / "extracted"
-    )
-    unknown = [c for c in dataset.classes if c not in predictor.classes]
-    if unknown:
-        raise DatasetError(f"classes {unknown} are not classes of this model; it knows: {', '.join(predictor.classes)}")
-    remap = {i: predictor.classes.index(c) for i, c in enumerate(dataset.classes)}
-    samples = [replace(s, label=remap[s.label]) for s in dataset.samples]
-    images = CachedImages(pixels, samples)
-    logits, labels = predict_logits(
-        predictor.model,
-        images,
-        prep,
-        predictor.device,
-        batch_size=batch_size,
-        channels_last=predictor.channels_last,
-        autocast=predictor.autocast,
-    )
+    with load_into_store(
+        data,
+        cache_root=cache_root,
+        tier=prep.tier,
+        options=DatasetOptions(evaluate_only=True),
+        extract_dir=cache_root / "extracted",
+        max_bytes=cache_max_bytes,
+    ) as stored:
+        dataset = stored.dataset
+        unknown = [c for c in dataset.classes if c not in predictor.classes]
+        if unknown:
+            raise DatasetError(
+                f"classes {unknown} are not classes of this model; it knows: {', '.join(predictor.classes)}"
+            )
+        remap = torch.tensor([predictor.classes.index(c) for c in dataset.classes], dtype=torch.int64)
+        images = stored.splits["test"]
+        images = StoredImages(images.store, images.entries, remap[images.labels])
+        logits, labels = predict_logits(
+            predictor.model,
+            images,
+            prep,
+            predictor.device,
+            batch_size=batch_size,
+            channels_last=predictor.channels_last,
+            autocast=predictor.autocast,
+        )
     result = metrics_from_logits(logits, labels, predictor.classes)
     return {
         "run": str(run_dir),

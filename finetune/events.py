@@ -30,6 +30,9 @@ class RunStarted(Event):
     total_epochs: int
     device: str
     resumed_from_epoch: int = 0
+    # "source": recorded (a list given to the run), folders (train/val/test) or drawn (seed and fractions);
+    # the counts per class and split.
+    split: dict[str, Any] | None = None
     kind: str = field(init=False, default="run_started")
 
 

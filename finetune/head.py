@@ -22,7 +22,7 @@ from torch import nn
 from .config import TrainConfig
 from .evaluate import predict_logits, validation_metrics
 from .events import Progress, StageStarted
-from .loader import CachedImages, batches
+from .loader import StoredImages, batches
 from .models import Backbone, Preprocessing, main_head_name, state_fingerprint
 from .optim import head_optim
 from .runtime import Runtime, seed_for
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def backbone_features(
     model: nn.Module,
     arch: str,
-    splits: dict[str, CachedImages],
+    splits: dict[str, StoredImages],
     image_hashes: list[str],
     prep: Preprocessing,
     transform_input: bool,
@@ -72,7 +72,7 @@ def backbone_features(
         parts = []
         for chunk in _chunks(list(range(len(images))), 256):
             rt.check_stop()
-            sub = CachedImages(images.cache, [images.samples[i] for i in chunk])
+            sub = images.subset(chunk)
             logits, _ = predict_logits(
                 backbone,
                 sub,

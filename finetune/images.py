@@ -1,4 +1,4 @@
-"""Decoding images safely and identically everywhere (dataset check, pixel cache, prediction).
+"""Decoding images safely and identically everywhere (dataset check, pixel store, prediction).
 
 One function owns the rules: a format allow-list, no polyglots (an image that is also a zip, a PDF or an
 HTML page is refused), EXIF orientation, every mode to RGB, a pixel limit that is an error (not a
@@ -22,7 +22,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", "
 # Larger than any photo a camera takes (~ 200 MP); a decompression bomb is far beyond.
 DEFAULT_MAX_PIXELS = 89_478_485
 # Resizing the short side of a 1x5000 strip to 256 would make a 256x1280000 image (a gigabyte). Nothing
-# past a square (prediction, evaluation) or 4:3 (the pixel cache) is ever looked at, so the long side is
+# past a square (prediction, evaluation) or 4:3 (the pixel store) is ever looked at, so the long side is
 # centre-cropped to this ratio before resizing: images up to 8:1 keep exactly their resize, a sliver
 # costs what an 8:1 image does.
 MAX_DECODE_ASPECT = 8.0
@@ -39,7 +39,7 @@ def open_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
 
     Raises ``ImageError`` with a short reason for anything that is not an acceptable image.
     """
-    return _decode(source, max_pixels=max_pixels, draft_size=None)[0]
+    return decode(source, max_pixels=max_pixels, draft_size=None)[0]
 
 
 def decode_for_size(
@@ -49,13 +49,13 @@ def decode_for_size(
     ``short_side``, original (width, height)).
 
     JPEGs are decoded at a reduced DCT scale when that still leaves at least ``short_side`` pixels,
-    which is several times faster for large photos. The pixel cache and the predictor both call this,
-    so training, evaluation and prediction see exactly the same pixels.
+    which is several times faster for large photos. (Training, evaluation and prediction go through
+    ``finetune.preprocess.stored_pixels``, which never upscales.)
 
     ``source`` may also be an opened PIL image: it follows the same rules (format allow-list aside), so
     it gives the pixels its file would. One not loaded yet is loaded here, at the reduced JPEG scale.
     """
-    img, original = _decode(source, max_pixels=max_pixels, draft_size=short_side)
+    img, original = decode(source, max_pixels=max_pixels, draft_size=short_side)
     return resize_short_side(cap_aspect(img, MAX_DECODE_ASPECT), short_side), original
 
 
@@ -85,7 +85,9 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
     return img.resize(new, Image.Resampling.BILINEAR)
 
 
-def _decode(source: ImageSource, *, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+def decode(source: ImageSource, *, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image with EXIF orientation applied, original (width, height) as shown). With ``draft_size``,
+    a JPEG is decoded at the smallest DCT scale that keeps its short side at least that large."""
     try:
         if isinstance(source, Image.Image):  # the caller's image: the caller closes it
             return _prepare(source, max_pixels, draft_size)

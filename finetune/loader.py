@@ -1,8 +1,9 @@
-"""Batches from the pixel cache, and augmentation as batched tensor ops on the training device.
+"""Batches from the pixel store, and augmentation as batched tensor ops on the training device.
 
-The CPU only gathers uint8 pixels from memory-mapped cache files (in a background thread, one batch
+The CPU only gathers uint8 pixels from the store's memory-mapped shards (in a background thread, one batch
 ahead); random resized crop, flip, the uint8->float conversion and normalisation then run as one batched
-``grid_sample`` on the device, instead of per-image PIL transforms in worker processes.
+``grid_sample`` on the device, instead of per-image PIL transforms in worker processes. Crops are taken
+from the stored copy (never upscaled, at most one octave larger than needed) and resized on the fly.
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .dataset import Sample
 from .models import Preprocessing
-from .pixelcache import PixelCache
+from .pixelstore import Entry, PixelStore
+from .preprocess import eval_batch
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -36,43 +37,41 @@ class Batch:
     labels: torch.Tensor  # int64 (B,)
 
 
-MAX_OPEN_MAPPINGS = 16384
+class StoredImages:
+    """Random access to the stored pixels of a list of images (``finetune.datastore.claim_images``).
 
+    Reads are views of the store's shard maps: no file is opened per image, and the kernel's page cache
+    keeps hot data in memory without copying it into the Python heap."""
 
-class CachedImages:
-    """Random access to the cached pixels of a list of samples."""
-
-    def __init__(self, cache: PixelCache, samples: Sequence[Sample]) -> None:
-        self.cache = cache
-        self.samples = list(samples)
-        self.labels = torch.tensor([s.label for s in self.samples], dtype=torch.int64)
+    def __init__(self, store: PixelStore, entries: Sequence[Entry], labels: Sequence[int] | torch.Tensor) -> None:
+        self.store = store
+        self.entries = list(entries)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1)
         self._sizes: torch.Tensor | None = None
-        # Mappings stay open between epochs (opening one costs more than cropping it); bounded well below
-        # the kernel's default limit of 65530 mappings per process.
-        self._mapped: dict[str, np.ndarray] = {}
 
     def pixels(self, i: int) -> np.ndarray:
-        """The cached (height, width, 3) uint8 pixels of the i-th image (memory-mapped, read-only)."""
-        sha = self.samples[i].sha256
-        arr = self._mapped.get(sha)
-        if arr is None:
-            arr = self.cache.load(sha)
-            if len(self._mapped) < MAX_OPEN_MAPPINGS:
-                self._mapped[sha] = arr
-        return arr
+        """The stored (height, width, 3) uint8 pixels of the i-th image (memory-mapped, read-only)."""
+        return self.store.array(self.entries[i])
 
     def sizes(self) -> torch.Tensor:
-        """(N, 2) stored (height, width) of every image, read once from the cache headers."""
+        """(N, 2) stored (height, width) of every image."""
         if self._sizes is None:
-            shapes = [self.cache.stored_shape(s.sha256) for s in self.samples]
+            shapes = [(e.height, e.width) for e in self.entries]
             self._sizes = torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2)
         return self._sizes
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.entries)
+
+    def subset(self, indices: Sequence[int]) -> StoredImages:
+        return StoredImages(self.store, [self.entries[i] for i in indices], self.labels[list(indices)])
+
+    def advise(self, indices: Sequence[int]) -> None:
+        self.store.advise(self.entries[i] for i in indices)
 
     def padded(self, indices: Sequence[int]) -> Batch:
-        """Whole cached images, zero-padded to a common size (for training-time random crops)."""
+        """Whole stored images, zero-padded to a common size (for training-time random crops)."""
+        self.advise(indices)
         arrays = [self.pixels(i) for i in indices]
         h = max(a.shape[0] for a in arrays)
         w = max(a.shape[1] for a in arrays)
@@ -83,26 +82,12 @@ class CachedImages:
             sizes[j] = a.shape[:2]
         return Batch(torch.from_numpy(out), torch.from_numpy(sizes), self.labels[list(indices)])
 
-    def center_crops(self, indices: Sequence[int], crop: int) -> Batch:
-        """The evaluation view: a centred ``crop`` x ``crop`` square of each cached image."""
-        out = np.empty((len(indices), crop, crop, 3), dtype=np.uint8)
-        for j, i in enumerate(indices):
-            out[j] = center_crop_array(self.pixels(i), crop)
-        sizes = torch.full((len(indices), 2), crop, dtype=torch.int64)
+    def center_crops(self, indices: Sequence[int], prep: Preprocessing) -> Batch:
+        """The evaluation view (``finetune.preprocess.eval_crop``) of each image: what the predictor sees."""
+        self.advise(indices)
+        out = eval_batch([self.pixels(i) for i in indices], prep)
+        sizes = torch.full((len(indices), 2), prep.crop_size, dtype=torch.int64)
         return Batch(torch.from_numpy(out), sizes, self.labels[list(indices)])
-
-
-def center_crop_array(a: np.ndarray, crop: int) -> np.ndarray:
-    """Centre crop as torchvision's ``CenterCrop`` computes it (pads with zeros if the image is smaller)."""
-    h, w = a.shape[:2]
-    if h < crop or w < crop:
-        padded = np.zeros((max(h, crop), max(w, crop), 3), dtype=np.uint8)
-        top, left = (padded.shape[0] - h) // 2, (padded.shape[1] - w) // 2
-        padded[top : top + h, left : left + w] = a
-        a, h, w = padded, padded.shape[0], padded.shape[1]
-    top = round((h - crop) / 2.0)
-    left = round((w - crop) / 2.0)
-    return a[top : top + crop, left : left + crop]
 
 
 def batches(
@@ -176,6 +161,7 @@ class Normalizer:
         self.scale = 1.0 / (255.0 * std)
         self.shift = -mean / std
         self.channels_last = channels_last
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(to_float(x))
@@ -185,10 +171,39 @@ class Normalizer:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
 
+    def normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        """``normalize`` in place, into ``x`` (float, in the memory format wanted): the same values."""
+        torch.addcmul(self.shift, x, self.scale, out=x)
+        return x
+
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [0, 255]. The permuted view of NHWC storage is already channels-last."""
     return x.permute(0, 3, 1, 2).float()
+
+
+class _BatchBuffers:
+    """Output buffers for CPU batches, one per slot of a ring and reused: a fresh 40 MB float batch costs more
+    in page faults (the kernel zeroing new pages) than the crops that fill it."""
+
+    def __init__(self, slots: int, batch: int, size: int) -> None:
+        self.batch, self.size = batch, size
+        self._slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * slots
+        self._lock = threading.Lock()
+
+    def get(self, k: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8, float32) channels-last (b, 3, size, size) buffers for the k-th batch."""
+        slot = k % len(self._slots)
+        with self._lock:
+            pair = self._slots[slot]
+            if pair is None:
+                shape = (self.batch, 3, self.size, self.size)
+                pair = (
+                    torch.empty(shape, dtype=torch.uint8).contiguous(memory_format=torch.channels_last),
+                    torch.empty(shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last),
+                )
+                self._slots[slot] = pair
+        return pair[0][:b], pair[1][:b]
 
 
 def sample_crops(
@@ -239,7 +254,7 @@ class TrainAugment:
 
     - CUDA: the whole cached images go to the GPU as one padded uint8 batch and a single ``grid_sample``
       does every crop, resize and flip at once (one kernel instead of one per image).
-    - CPU: only the crop boxes are cut from the memory-mapped cache (never whole images), each resized in
+    - CPU: only the crop boxes are cut from the memory-mapped store (never whole images), each resized in
       uint8 with antialiasing (torch's vectorised kernel), then the small batch is converted and normalised;
       all of it in the prefetch thread, so it overlaps the training step.
     """
@@ -262,7 +277,7 @@ class TrainAugment:
         self.workers = max(1, min(4, os.cpu_count() or 1))
 
     def batches(
-        self, images: CachedImages, order: Sequence[Sequence[int]], generator: torch.Generator
+        self, images: StoredImages, order: Sequence[Sequence[int]], generator: torch.Generator
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(normalised images on the device, labels on the device) for each index list in ``order``."""
         if self.device.type == "cuda":
@@ -280,18 +295,31 @@ class TrainAugment:
             )
             for idx in order
         ]
+        ahead = 2 * self.workers
+        # A yielded batch stays valid until the consumer has taken two more (it holds one at a time).
+        buffers = _BatchBuffers(ahead + 3, max((len(idx) for idx in order), default=1), self.out)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="augment") as pool:
-            yield from ordered_map(pool, lambda plan: self._cpu_batch(images, *plan), plans, ahead=2 * self.workers)
+            yield from ordered_map(
+                pool,
+                lambda plan: self._cpu_batch(images, buffers, *plan),
+                [(k, *plan) for k, plan in enumerate(plans)],
+                ahead=ahead,
+            )
 
     def _flips(self, b: int, generator: torch.Generator) -> torch.Tensor:
         return (torch.rand(b, generator=generator) < 0.5) if self.hflip else torch.zeros(b, dtype=torch.bool)
 
     def _cpu_batch(
-        self, images: CachedImages, idx: Sequence[int], boxes: list[list[int]], flips: list[bool]
+        self,
+        images: StoredImages,
+        buffers: _BatchBuffers,
+        k: int,
+        idx: Sequence[int],
+        boxes: list[list[int]],
+        flips: list[bool],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        out = torch.empty(len(idx), 3, self.out, self.out, dtype=torch.uint8).contiguous(
-            memory_format=torch.channels_last
-        )
+        images.advise(idx)
+        out, normalized = buffers.get(k, len(idx))
         for j, (i, (top, left, bh, bw), flip) in enumerate(zip(idx, boxes, flips, strict=True)):
             a = images.pixels(i)
             crop = torch.from_numpy(a[top : top + bh, left : left + bw].copy()).permute(
@@ -301,7 +329,8 @@ class TrainAugment:
                 crop.unsqueeze(0), size=(self.out, self.out), mode="bilinear", antialias=True, align_corners=False
             )
             out[j] = resized[0].flip(-1) if flip else resized[0]
-        return self.normalize.normalize(out.float()), images.labels[list(idx)]
+        normalized.copy_(out)
+        return self.normalize.normalize_(normalized), images.labels[list(idx)]
 
     def __call__(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         """The CUDA path for one padded batch: one ``grid_sample`` for every crop, resize and flip."""

@@ -43,20 +43,30 @@ AUX_LOSS_WEIGHT = 0.3  # GoogLeNet paper: auxiliary losses are added with weight
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Eval preprocessing = resize the short side to ``resize_size``, centre-crop ``crop_size``, normalise.
-    Stored in every checkpoint; the pixel cache, evaluation and the predictor all follow it."""
+    """Eval preprocessing = resize the short side to ``resize_size``, centre-crop ``crop_size``, normalise,
+    starting from the pixels stored at ``tier`` (``finetune.preprocess``). Stored in every checkpoint;
+    the pixel store, evaluation, prediction and export all follow it."""
 
     resize_size: int
     crop_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    tier: int = 0  # the stored resolution; 0 = derived from resize_size (checkpoints made before tiers)
+
+    def __post_init__(self) -> None:
+        if not self.tier:
+            from .preprocess import store_tier
+
+            object.__setattr__(self, "tier", store_tier(self.resize_size))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]))
+        return cls(
+            int(d["resize_size"]), int(d["crop_size"]), tuple(d["mean"]), tuple(d["std"]), int(d.get("tier") or 0)
+        )
 
 
 def default_image_size(arch: str) -> int:

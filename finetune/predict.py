@@ -1,8 +1,9 @@
 """Prediction with a trained run: ``Predictor.from_run(RUN_DIR).predict(images, top_k)``.
 
-Preprocessing is exactly the evaluation's: the same decoder and resize as the pixel cache, the same
-centre crop and normalisation from the checkpoint's metadata, so a model scores an image the same way
-in ``finetune eval``, in the service and here. Loading happens once; ``predict`` takes batches.
+Preprocessing is exactly the evaluation's (``finetune.preprocess``): the pixels the store would keep for
+the file, then the same resize, centre crop and normalisation from the checkpoint's metadata, so a model
+scores an image the same way in ``finetune eval``, in the service and here. Loading happens once;
+``predict`` takes batches.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint
 from .errors import ConfigError
-from .images import DEFAULT_MAX_PIXELS, decode_for_size
-from .loader import Normalizer, center_crop_array
+from .images import DEFAULT_MAX_PIXELS
+from .loader import Normalizer
 from .models import Preprocessing, build_for_checkpoint, inference_model
+from .preprocess import eval_crop, stored_pixels
 
 ImageInput = Image.Image | bytes | str | Path
 
@@ -74,8 +76,8 @@ class Predictor:
         Raises ``ImageError`` for anything that is not an acceptable image."""
         prep = self.preprocessing
         # PIL images too: EXIF orientation, modes and JPEG scale exactly as for their bytes.
-        img, _ = decode_for_size(image, prep.resize_size, max_pixels=self.max_pixels)
-        return np.ascontiguousarray(center_crop_array(np.asarray(img, dtype=np.uint8), prep.crop_size))
+        stored, _ = stored_pixels(image, prep.tier, max_pixels=self.max_pixels)
+        return eval_crop(stored, prep)
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.amp_dtype is None:

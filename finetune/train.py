@@ -34,7 +34,8 @@ from .checkpoint import (
     settle,
 )
 from .config import TrainConfig
-from .dataset import Dataset, DatasetOptions, load_dataset
+from .dataset import Dataset, DatasetOptions, read_split_file
+from .datastore import StoredDataset, load_into_store
 from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
 from .evaluate import metrics_from_logits, predict_logits, validation_metrics
 from .events import (
@@ -50,7 +51,7 @@ from .events import (
     StageStarted,
 )
 from .head import HeadTrainer, backbone_features
-from .loader import CachedImages, TrainAugment, batches
+from .loader import StoredImages, TrainAugment, batches
 from .models import (
     AUX_LOSS_WEIGHT,
     BuiltModel,
@@ -62,7 +63,6 @@ from .models import (
     preprocessing_for,
 )
 from .optim import Optim, finetune_optim
-from .pixelcache import PixelCache
 from .runinfo import RunInfo, model_meta, now, versions
 from .runstate import BestTracker, RunState, Stage, plan_stages
 from .runtime import Runtime, StopFlag, cache_root, default_cache_dir, seed_for
@@ -107,14 +107,17 @@ def _run(config: TrainConfig, rt: Runtime, resume_from: Checkpoint | None) -> Ru
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = load_data(config, rt.emit)
-    built = load_model(config, data.dataset.num_classes)
-    # Written only once the model is built: a run that fails before leaves its folder empty, so the
-    # same command can simply be run again (train refuses a non-empty folder).
-    atomic_write_json(run_dir / "dataset.json", data.dataset.report())
-    run = _Run(config, rt, data, built)
-    if resume_from is not None:
-        run.restore(resume_from)
-    return run.execute()
+    try:
+        built = load_model(config, data.dataset.num_classes)
+        # Written only once the model is built: a run that fails before leaves its folder empty, so the
+        # same command can simply be run again (train refuses a non-empty folder).
+        atomic_write_json(run_dir / "dataset.json", data.dataset.report())
+        run = _Run(config, rt, data, built)
+        if resume_from is not None:
+            run.restore(resume_from)
+        return run.execute()
+    finally:
+        data.close()  # unpinned: the pixels stay stored, first in line for eviction when space is needed
 
 
 # -- before the first epoch ----------------------------------------------------------------------------
@@ -130,35 +133,63 @@ def check_weights(config: TrainConfig) -> None:
 
 @dataclass
 class RunData:
-    """A run's images: the checked dataset and the cached pixels of each split."""
+    """A run's images: the checked dataset and the stored pixels of each split, pinned until ``close()``."""
 
     dataset: Dataset
     prep: Preprocessing
-    pixels: PixelCache
-    train_images: CachedImages
-    val_images: CachedImages
-    test_images: CachedImages
+    stored: StoredDataset
+    train_images: StoredImages
+    val_images: StoredImages
+    test_images: StoredImages
+
+    def close(self) -> None:
+        self.stored.close()
 
 
 def load_data(config: TrainConfig, emit: Callback) -> RunData:
-    """All of a run's data loading: check every image, cache its pixels at the model's size, split."""
+    """All of a run's data loading: check every image, store its pixels (decoded once, at the tier this run
+    reads), split, and pin each split in the pixel store."""
     c = config
     prep = preprocessing_for(c.model, c.weights, c.image_size)
-    pixels = PixelCache(cache_root(c) / "pixels", prep.resize_size)
-    emit(StageStarted("data", f"checking images and caching pixels at {prep.resize_size}px"))
-    dataset = load_dataset(
+    emit(StageStarted("data", f"checking images and storing pixels at {prep.tier}px"))
+    stored = load_into_store(
         c.data,
-        options=DatasetOptions(val_fraction=c.val_fraction, test_fraction=c.test_fraction, seed=c.seed),
-        pixel_cache=pixels,
+        cache_root=cache_root(c),
+        tier=prep.tier,
+        options=DatasetOptions(
+            val_fraction=c.val_fraction,
+            test_fraction=c.test_fraction,
+            seed=c.seed,
+            files=read_split_file(c.split_file) if c.split_file else None,
+        ),
         extract_dir=cache_root(c) / "extracted",
         progress=lambda done, total: emit(Progress("data", done, total)),
+        max_bytes=c.cache_max_bytes,
     )
-    train_images = CachedImages(pixels, dataset.split("train"))
-    val_images = CachedImages(pixels, dataset.split("val"))
-    test_images = CachedImages(pixels, dataset.split("test"))
-    if len(val_images) == 0:
+    splits = stored.splits
+    if len(splits["val"]) == 0:
+        stored.close()
         raise ConfigError(["the dataset has no validation images"])
-    return RunData(dataset, prep, pixels, train_images, val_images, test_images)
+    return RunData(stored.dataset, prep, stored, splits["train"], splits["val"], splits["test"])
+
+
+def split_summary(dataset: Dataset, config: TrainConfig) -> dict[str, Any]:
+    """How the run's images are split, for whoever shows it: the source and the counts per class."""
+    if dataset.recorded_split:
+        source = "recorded"
+    elif dataset.explicit_split:
+        source = "folders"
+    else:
+        source = "drawn"
+    counts = dataset.counts()
+    return {
+        "source": source,
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "test_fraction": config.test_fraction,
+        "counts": counts,
+        "totals": {split: sum(c[split] for c in counts.values()) for split in ("train", "val", "test")},
+    }
 
 
 def load_model(config: TrainConfig, num_classes: int) -> BuiltModel:
@@ -205,7 +236,7 @@ def train_one_epoch(run: _Run, optim: Optim, augment: TrainAugment, stage: Stage
 
 
 def evaluate(
-    model: Callable[[torch.Tensor], Any], images: CachedImages, run: _Run
+    model: Callable[[torch.Tensor], Any], images: StoredImages, run: _Run
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (float32, on the CPU) and labels of ``images`` under the evaluation preprocessing."""
     return predict_logits(
@@ -383,6 +414,7 @@ class _Run:
                 self.progress.total_epochs,
                 str(self.rt.device),
                 resumed_from_epoch=self.state.last_epoch,
+                split=split_summary(data.dataset, c),
             )
         )
         try:

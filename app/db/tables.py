@@ -41,6 +41,7 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 ByteCount = BigInteger().with_variant(Integer(), "sqlite")
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+DATASET_STATUSES = ("checking", "ready", "refused")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
 
 
@@ -108,7 +109,11 @@ class LoginToken(Base):
 
 
 class Dataset(Base):
+    """An upload. ``checking`` while its files are checked (``progress`` says how far, the checker renews
+    ``lease_expires_at``), then ``ready`` (jobs may use it) or ``refused`` (``error`` says why; no files)."""
+
     __tablename__ = "datasets"
+    __table_args__ = (CheckConstraint(f"status IN {DATASET_STATUSES}", name="status"),)
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -121,6 +126,10 @@ class Dataset(Base):
     report: Mapped[dict[str, Any]] = mapped_column()
     size_bytes: Mapped[int] = mapped_column(ByteCount, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    progress: Mapped[dict[str, Any] | None] = mapped_column()  # {"phase", "done", "total"} while checking
+    error: Mapped[dict[str, Any] | None] = mapped_column()  # {"code", "message"} when refused
+    lease_expires_at: Mapped[datetime | None] = mapped_column()  # the check's lease, on the database's clock
 
     jobs: Mapped[list[Job]] = relationship(back_populates="dataset", lazy="raise")
 
@@ -157,6 +166,7 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))
+    data_split: Mapped[dict[str, Any] | None] = mapped_column()  # the split the run trains on (counts, source)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()

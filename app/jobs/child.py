@@ -26,7 +26,7 @@ from app.db.tables import Dataset, Job, JobMetric, Model
 from app.jobs import state
 from app.jobs.lifetime import die_with_parent
 from app.jobs.settings_env import settings_from_env
-from app.services.datasets import dataset_images_folder
+from app.services.datasets import dataset_images_folder, split_file_for
 from app.settings import Settings
 from app.storage import Storage
 from finetune.config import TrainConfig
@@ -80,6 +80,8 @@ class JobReporter:
 
     def on_run_started(self, e: Any) -> None:
         self.total_epochs = e.total_epochs
+        if e.split is not None:
+            self._update(data_split=e.split)  # the split this run trains on, for the job's page and API
         with session_scope(self.url) as s:
             # Epochs after the checkpoint we resume from will run again: their old rows go.
             s.execute(delete(JobMetric).where(JobMetric.job_id == self.job_id, JobMetric.epoch > e.resumed_from_epoch))
@@ -171,12 +173,17 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
     try:
         if dataset is None:
             raise InputError("the job's dataset was deleted")
+        split = TrainConfig(**job_config)  # the job's own seed and fractions, defaults included
         config = TrainConfig(
             **job_config,
             # The uploaded folder itself (the engine finds the same root in it), so its names file is read.
             data=str(dataset_images_folder(storage, dataset)),
+            # The images the upload's check accepted, in the split the dataset's page shows (or, for a job
+            # asking for another seed or fractions, those images to split again).
+            split_file=str(split_file_for(storage, dataset, split.seed, split.val_fraction, split.test_fraction)),
             out=str(run_dir),
             cache_dir=str(settings.cache_dir),
+            cache_max_bytes=settings.cache_max_bytes,
             weights_dir=str(settings.weights_dir) if settings.weights_dir else None,
         )
         if (run_dir / "run.json").exists():

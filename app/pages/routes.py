@@ -93,6 +93,9 @@ STATUS_LABELS = {
     "succeeded": "Succeeded",
     "failed": "Failed",
     "cancelled": "Cancelled",
+    "checking": "Checking",
+    "ready": "Ready",
+    "refused": "Refused",
 }
 
 
@@ -243,7 +246,9 @@ def dataset_page(
         dataset = dataset_svc.get_owned(session, user, dataset_id)
     except NotFound:
         return not_found_page(request, "dataset", dataset_id)
-    indices = dataset_svc.thumbnail_indices(storage, dataset)
+    if dataset.status == "checking" and request.app.state.dataset_checks.sweep():
+        session.refresh(dataset)
+    indices = dataset_svc.thumbnail_indices(storage, dataset) if dataset.status == "ready" else {}
     thumbnails = {c: [f"/api/v1/datasets/{dataset.id}/thumbnails/{i}" for i in idx] for c, idx in indices.items()}
     jobs = list(session.scalars(select(Job).where(Job.dataset_id == dataset.id).order_by(Job.created_at.desc())))
     report = dataset.report or {}
@@ -258,8 +263,22 @@ def dataset_page(
             "totals": report.get("split_totals", {}),
             "thumbnails": thumbnails,
             "jobs": jobs,
+            **_check_progress(dataset.progress),
         },
     )
+
+
+def _check_progress(progress: dict[str, Any] | None) -> dict[str, Any]:
+    """The phase of an upload's check in words, and how far it is (0..1)."""
+    p = progress or {}
+    phase, done, total = p.get("phase", "queued"), int(p.get("done", 0)), int(p.get("total", 0))
+    text = {
+        "queued": "Waiting for a free checker…",
+        "extracting": f"Extracting the zip: {done} of {total} files",
+        "checking": f"Checking every image: {done} of {total}",
+        "storing": "Storing the dataset…",
+    }.get(phase, "Checking…")
+    return {"check_phase": text, "check_fraction": done / total if total else 0.0}
 
 
 def _form_field(hp: dict[str, Any]) -> dict[str, Any]:
@@ -287,7 +306,7 @@ def new_job(
     user: PageUser,
     dataset: str | None = Query(None, description="the dataset to preselect"),
 ) -> HTMLResponse:
-    datasets = dataset_svc.list_owned(session, user)
+    datasets = [d for d in dataset_svc.list_owned(session, user) if d.status == "ready"]
     status = {s.arch: s for s in engine_weights.status_all(settings.weights_dir, verify=False)}
     fields = TrainConfig.__dataclass_fields__
     architectures = []

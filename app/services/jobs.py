@@ -17,7 +17,7 @@ from finetune import weights as engine_weights
 from finetune.config import TrainConfig
 
 # Settings a user never chooses for a server-side job: where data and runs live, which device.
-SERVER_OWNED = {"data", "out", "cache_dir", "weights_dir", "device"}
+SERVER_OWNED = {"data", "out", "cache_dir", "cache_max_bytes", "split_file", "weights_dir", "device"}
 USER_WEIGHTS = ("imagenet", "none")  # a path on the server is never accepted from a client
 # Fields a client may send (a job it read back, say) but never sets: the server decides them. They are
 # dropped; any other unknown field is still a 422 (a typo in a hyperparameter must not go unnoticed).
@@ -85,6 +85,9 @@ def validate_request(body: BaseModel, settings: Settings) -> TrainConfig:
 
 
 def create_job(session: Session, owner: User, dataset: Dataset, config: TrainConfig) -> Job:
+    if dataset.status != "ready":
+        detail = "is still being checked" if dataset.status == "checking" else "was refused"
+        raise Conflict(f"dataset {dataset.id} {detail}: train on a ready dataset", code="dataset_not_ready")
     stored = {k: v for k, v in config.to_dict().items() if k not in SERVER_OWNED}
     job = Job(
         owner_id=owner.id,

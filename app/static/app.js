@@ -129,5 +129,5 @@ window.FT = (() => {
 
   document.addEventListener("DOMContentLoaded", () => localizeTimes(document));
 
-  return { ApiError, api, el, show, hide, duration, seconds, localTime, pct, num, bytes, localizeTimes };
+  return { ApiError, api, csrfToken, el, show, hide, duration, seconds, localTime, pct, num, bytes, localizeTimes };
 })();

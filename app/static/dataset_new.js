@@ -1,5 +1,6 @@
 // Dataset upload: a zip (field `archive`) or a folder picker (`files` + `paths`, each file's
-// webkitRelativePath, in the same order), posted with fetch; errors show the API's message.
+// webkitRelativePath, in the same order), posted with its upload progress shown; the dataset's page then
+// shows the check's progress. Errors show the API's message.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -121,14 +122,16 @@ document.addEventListener("DOMContentLoaded", () => {
       return;
     }
     submit.disabled = true;
-    statusText.textContent =
-      mode === "zip"
-        ? `Uploading ${FT.bytes(size)} and checking every image…`
-        : `Uploading ${count} files (${FT.bytes(size)}) and checking every image…`;
+    const what = mode === "zip" ? FT.bytes(size) : `${count} files (${FT.bytes(size)})`;
+    statusText.textContent = `Uploading ${what}…`;
     FT.show(status);
     try {
-      const dataset = await FT.api("POST", "/api/v1/datasets", body);
-      statusText.textContent = "Done. Opening the report…";
+      // 202 as soon as the body has arrived: the dataset's page then follows the check of every image.
+      const dataset = await upload(body, (sent, total) => {
+        const pct = total ? Math.floor((100 * sent) / total) : 0;
+        statusText.textContent =
+          sent < total ? `Uploading ${what}: ${pct}%` : "Uploaded. Starting the check of every image…";
+      });
       window.location.assign(`/datasets/${encodeURIComponent(dataset.id)}`);
     } catch (e) {
       FT.hide(status);
@@ -136,4 +139,28 @@ document.addEventListener("DOMContentLoaded", () => {
       submit.disabled = false;
     }
   });
+
+  /** POST the form with XMLHttpRequest (fetch cannot report upload progress); the API's error shape on failure. */
+  function upload(body, onProgress) {
+    return new Promise((resolve, reject) => {
+      const xhr = new XMLHttpRequest();
+      xhr.open("POST", "/api/v1/datasets");
+      xhr.setRequestHeader("Accept", "application/json");
+      xhr.setRequestHeader("Prefer", "respond-async");
+      xhr.setRequestHeader("X-CSRF-Token", FT.csrfToken());
+      xhr.upload.addEventListener("progress", (e) => onProgress(e.loaded, e.lengthComputable ? e.total : 0));
+      xhr.addEventListener("load", () => {
+        let data = null;
+        try {
+          data = xhr.responseText ? JSON.parse(xhr.responseText) : null;
+        } catch (e) {
+          data = { error: { message: xhr.responseText.slice(0, 300) } };
+        }
+        if (xhr.status >= 200 && xhr.status < 300) resolve(data);
+        else reject(new Error((data && data.error && data.error.message) || `upload failed (HTTP ${xhr.status})`));
+      });
+      xhr.addEventListener("error", () => reject(new Error("the server could not be reached")));
+      xhr.send(body);
+    });
+  }
 });

@@ -150,25 +150,29 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 
 # ``python -m app.cli worker`` that gets SIGTERM when the test process dies (a run killed by a timeout or ^C
-# leaves no worker behind polling its queue).
+# leaves no worker behind polling its queue), with an open-file limit when one is given (its job processes
+# inherit it).
 WORKER_WITH_PDEATHSIG = (
-    "import ctypes, os, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
+    "import ctypes, os, resource, signal, sys; ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM); "
     "os.getppid() == int(sys.argv[1]) or sys.exit(1); "
+    "int(sys.argv[2]) and resource.setrlimit("
+    "resource.RLIMIT_NOFILE, (int(sys.argv[2]), resource.getrlimit(resource.RLIMIT_NOFILE)[1])); "
     "os.execv(sys.executable, [sys.executable, '-m', 'app.cli', 'worker'])"
 )
 
 
 @pytest.fixture
-def start_worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+def start_worker(settings: Settings) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     """Starts real worker processes (``python -m app.cli worker``) on the test's settings; each call starts
-    one more (a restart after a crash). All are stopped at the end; logs go to worker.log, worker-2.log..."""
+    one more (a restart after a crash), ``open_files`` sets its ``ulimit -n``. All are stopped at the end;
+    logs go to worker.log, worker-2.log..."""
     started: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(open_files: int = 0) -> subprocess.Popen[bytes]:
         n = len(started) + 1
         log = open(settings.data_dir.parent / ("worker.log" if n == 1 else f"worker-{n}.log"), "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-c", WORKER_WITH_PDEATHSIG, str(os.getpid())],
+            [sys.executable, "-c", WORKER_WITH_PDEATHSIG, str(os.getpid()), str(open_files)],
             env=settings_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -192,7 +196,7 @@ def start_worker(settings: Settings) -> Iterator[Callable[[], subprocess.Popen[b
 
 
 @pytest.fixture
-def worker(start_worker: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+def worker(start_worker: Callable[..., subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
     """A real worker process (``python -m app.cli worker``) on the test's settings."""
     return start_worker()
 

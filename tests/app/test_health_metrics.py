@@ -37,7 +37,12 @@ def test_healthz_and_readyz(client: TestClient, monkeypatch: pytest.MonkeyPatch)
     assert r.json() == {"status": "ok"}
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json() == {"status": "ready", "checks": {"database": "ok", "queue": "ok"}}
+    body = r.json()
+    assert body["status"] == "ready"
+    assert body["checks"] == {"database": "ok", "queue": "ok", "pixel_store": "ok"}
+    # This host's pixel store: what it holds and its budget (FINETUNE_CACHE_MAX_BYTES).
+    store = body["pixel_store"]
+    assert store["used_bytes"] == 0 and store["shards"] == 0 and store["max_bytes"] > 0
 
     # A failed check is a 503 that names it.
     app: Any = client.app
@@ -46,7 +51,7 @@ def test_healthz_and_readyz(client: TestClient, monkeypatch: pytest.MonkeyPatch)
     assert r.status_code == 503
     error = r.json()["error"]
     assert error["code"] == "not_ready"
-    assert error["details"] == {"database": "ok", "queue": "failed"}
+    assert error["details"] == {"database": "ok", "queue": "failed", "pixel_store": "ok"}
 
     def broken_sessions() -> Any:
         raise OSError("database is down")
@@ -54,7 +59,7 @@ def test_healthz_and_readyz(client: TestClient, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(app.state, "sessions", broken_sessions)
     r = client.get("/readyz")
     assert r.status_code == 503
-    assert r.json()["error"]["details"] == {"database": "failed", "queue": "failed"}
+    assert r.json()["error"]["details"] == {"database": "failed", "queue": "failed", "pixel_store": "ok"}
     assert "database" in r.json()["error"]["message"]
     assert client.get("/healthz").status_code == 200  # liveness does no I/O
 
@@ -100,6 +105,9 @@ def test_metrics(client: TestClient, trained_run: TrainedRun) -> None:
     assert value("finetune_queue_depth") == 1
     assert value("finetune_jobs_running") == 1
     assert value("finetune_model_cache_size") == 1
+    budget = app.state.pixel_store.max_bytes
+    assert value("finetune_pixel_store_bytes", kind="max") == budget
+    assert value("finetune_pixel_store_bytes", kind="used") == 0 and value("finetune_pixel_store_shards") == 0
     assert value("finetune_predict_batch_size_count") == 1
     assert value("finetune_predict_batch_size_sum") == 3
     assert value("finetune_predict_images_total") == 3

@@ -56,6 +56,12 @@ def settings(settings: Settings) -> Settings:
 # -- the guard: nothing written, nothing stored, still answering -----------------------------------------
 
 
+def _entry(path: Path, root: Path) -> str:
+    """A snapshot line: ``folder/`` for a folder, ``file:size`` for a file."""
+    rel = str(path.relative_to(root))
+    return f"{rel}/" if path.is_dir() else f"{rel}:{path.stat().st_size}"
+
+
 class Guard:
     """Snapshots of every place a request might write to, compared after each hostile request; and the log,
     which must not show an unhandled error (a refusal is not the server's failure)."""
@@ -69,7 +75,9 @@ class Guard:
         self.settings = settings
 
     def snapshot(self) -> tuple[set[str], set[str]]:
-        inside = {str(p.relative_to(self.data)) for p in self.data.rglob("*")}
+        """Every path (with its size, for files) under the data folder, the pixel store included, and the
+        paths around it."""
+        inside = {_entry(p, self.data) for p in self.data.rglob("*")}
         around = {
             str(p.relative_to(self.around))
             for p in self.around.rglob("*")
@@ -77,28 +85,24 @@ class Guard:
         }
         return inside, around
 
-    def refused(
-        self, request: Callable[[], Any], status: int, code: str | None, words: str = "", *, cache: bool = False
-    ) -> dict[str, Any]:
-        """``request()`` is answered ``status``/``code`` and leaves everything as it was (``cache``: new
-        entries in the content-addressed pixel cache are allowed, for refusals that come after decoding)."""
+    def refused(self, request: Callable[[], Any], status: int, code: str | None, words: str = "") -> dict[str, Any]:
+        """``request()`` is answered ``status``/``code`` and leaves everything as it was: not a byte more
+        anywhere under the data folder, the pixel store included (refusals after decoding too)."""
         rows = count_rows(self.settings, "datasets")
         before = self.snapshot()
         error = assert_error(request(), status, code)
         assert words.lower() in error["message"].lower(), error
-        self.nothing_written(before, cache=cache)
+        self.nothing_written(before)
         assert count_rows(self.settings, "datasets") == rows
         self.still_answers()
         return error
 
-    def nothing_written(self, before: tuple[set[str], set[str]], *, cache: bool = False) -> None:
+    def nothing_written(self, before: tuple[set[str], set[str]]) -> None:
         inside, around = before
         after_inside, after_around = self.snapshot()
         new = after_inside - inside
-        if "tmp" in new and not any((self.data / "tmp").iterdir()):
-            new.remove("tmp")  # the service's own temp space, created empty by the first upload
-        if cache:
-            new = {p for p in new if not p.startswith("cache")}
+        if "tmp/" in new and not any((self.data / "tmp").iterdir()):
+            new.remove("tmp/")  # the service's own temp space, created empty by the first upload
         assert new == set() and after_inside >= inside, sorted(new)
         assert after_around == around, sorted(after_around ^ around)
         assert not self.canary.exists()
@@ -489,9 +493,9 @@ def test_training_images_off_the_allow_list_are_skipped_odd_ones_kept(client: Te
     assert "truncated" in skipped["red/truncated.png"] and "too large" in skipped["red/bomb.png"]
     report = client.get(f"{API}/{ds['id']}/report").json()
     assert {f"green/{k}" for k in good} <= {f["path"] for f in report["files"]}
-    # only the usable images were ever decoded into the pixel cache
-    cached = list((settings.data_dir / "cache").rglob("*.px"))
-    assert len(cached) == len({*SMALL.values(), *good.values()})
+    # only the usable images were ever decoded into the pixel store
+    store = client.app.state.pixel_store  # type: ignore[attr-defined]
+    assert store.usage()["entries"] == len({*SMALL.values(), *good.values()})
 
 
 # -- 2. images for prediction --------------------------------------------------------------------------------

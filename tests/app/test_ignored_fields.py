@@ -38,6 +38,8 @@ SNEAKY: dict[str, Any] = {
     "data": "/etc",
     "out": "/tmp/elsewhere",
     "cache_dir": "/tmp/cache",
+    "cache_max_bytes": 1,
+    "split_file": "/etc/passwd",
     "weights_dir": "/tmp/weights",
     "device": "cuda:7",
 }

@@ -66,6 +66,7 @@ class Route:
 ID_ROUTES = [
     Route("GET", "/api/v1/datasets/{dataset_id}", 200),
     Route("GET", "/api/v1/datasets/{dataset_id}/report", 200),
+    Route("GET", "/api/v1/datasets/{dataset_id}/files", 200),
     Route("GET", "/api/v1/datasets/{dataset_id}/thumbnails/{index}", 200),
     Route("DELETE", "/api/v1/datasets/{dataset_id}", 204, job_status="cancelled"),
     Route("POST", "/api/v1/jobs", 202, body={"dataset_id": "{dataset_id}", **TINY_JOB}),

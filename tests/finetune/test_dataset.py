@@ -14,8 +14,8 @@ from PIL import Image
 
 from finetune.archive import ArchiveLimits
 from finetune.dataset import Dataset, DatasetOptions, load_dataset
+from finetune.datastore import load_into_store, open_store
 from finetune.errors import ConfigError, DatasetError, FolderNameClashError, UnsafeArchiveError
-from finetune.pixelcache import PixelCache
 
 from .helpers import (
     distinct_pngs,
@@ -238,16 +238,19 @@ def test_every_mode_and_format_is_usable(tmp_path: Path) -> None:
         "b/x.bmp": image_bytes(solid((8, 9, 10), (20, 20)), "BMP"),
     }
     root = build(tmp_path / "d", files)
-    cache = PixelCache(tmp_path / "cache", 16)
-    ds = load_dataset(root, pixel_cache=cache)
-    assert ds.skipped == []
-    assert sorted(s.path for s in ds.samples) == sorted(files)
-    for s in ds.samples:
-        assert (s.width, s.height) == (20, 20)
-        arr = cache.load(s.sha256)
-        assert arr.shape == (16, 16, 3) and arr.dtype == np.uint8
-    gif = next(s for s in ds.samples if s.path.endswith(".gif"))
-    assert cache.load(gif.sha256)[8, 8, 2] > 200  # the first frame (blue), not the last
+    with load_into_store(root, cache_root=tmp_path / "cache", tier=32) as stored:
+        ds = stored.dataset
+        assert ds.skipped == []
+        assert sorted(s.path for s in ds.samples) == sorted(files)
+        for s in ds.samples:
+            assert (s.width, s.height) == (20, 20)
+            entry = stored.store.find(s.sha256, 20)  # stored at its own size, never upscaled to the tier
+            assert entry is not None
+            arr = stored.store.array(entry)
+            assert arr.shape == (20, 20, 3) and arr.dtype == np.uint8
+        gif = next(s for s in ds.samples if s.path.endswith(".gif"))
+        entry = stored.store.find(gif.sha256, 20)
+        assert entry is not None and stored.store.array(entry)[10, 10, 2] > 200  # the first frame (blue)
 
 
 def test_os_junk_is_ignored_silently(tmp_path: Path) -> None:
@@ -429,18 +432,22 @@ def test_progress_is_reported(tmp_path: Path) -> None:
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
 
 
-def test_pixel_cache_entries_and_torn_files(tmp_path: Path) -> None:
+def test_store_entries_and_a_lost_catalog(tmp_path: Path) -> None:
     root = build(tmp_path / "d", two_classes(n=3))
-    cache = PixelCache(tmp_path / "cache", 12)
-    ds = load_dataset(root, pixel_cache=cache)
-    s = ds.samples[0]
-    assert cache.original_size(s.sha256) == (16, 16)
-    assert cache.load(s.sha256).shape == (12, 12, 3)
-    path = cache.path(s.sha256)
-    path.write_bytes(path.read_bytes()[:-5])  # a torn write: counts as missing, is redone
-    assert cache.original_size(s.sha256) is None
-    load_dataset(root, pixel_cache=cache)
-    assert cache.original_size(s.sha256) == (16, 16)
+    with load_into_store(root, cache_root=tmp_path / "cache", tier=32) as stored:
+        s = stored.dataset.samples[0]
+        entry = stored.store.find(s.sha256, 16)
+        assert entry is not None and (entry.orig_width, entry.orig_height) == (16, 16)
+        assert stored.store.array(entry).shape == (16, 16, 3)
+        before = stored.store.array(entry).copy()
+    # The shards describe themselves: a lost catalog is rebuilt from them, nothing is decoded again.
+    (tmp_path / "cache" / "pixelstore" / "catalog.sqlite").unlink()
+    for extra in (tmp_path / "cache" / "pixelstore").glob("catalog.sqlite-*"):
+        extra.unlink()
+    store = open_store(tmp_path / "cache")
+    entry = store.find(s.sha256, 16)
+    assert entry is not None and np.array_equal(store.array(entry), before)
+    store.close()
 
 
 def test_train_and_test_folders_without_val_take_val_from_train(tmp_path: Path) -> None:
@@ -480,3 +487,43 @@ def test_two_folders_for_one_split_are_refused(tmp_path: Path) -> None:
     files = {f"{split}/{c}/{i}.png": next(pngs) for split in ("train", "Training", "val") for c in "ab" for i in (0, 1)}
     with pytest.raises(FolderNameClashError, match="the folders 'Training', 'train' all hold the train split"):
         load(build(tmp_path / "d", files))
+
+
+# -- a recorded list of images and their split ---------------------------------------------------------------
+
+
+def test_a_recorded_split_is_used_exactly_and_nothing_else_is_read(tmp_path: Path) -> None:
+    root = build(tmp_path / "d", two_classes(n=10))
+    first = load(root, seed=3)
+    recorded = {s.path: s.split for s in first.samples if s.path != "red/00.png"}  # one image left out
+    again = load(root, seed=99, val_fraction=0.4, files=recorded)  # another seed: ignored, the record rules
+    assert {s.path: s.split for s in again.samples} == recorded
+    assert again.report()["recorded_split"] is True and again.skipped == []
+
+
+def test_a_recorded_list_without_splits_is_split_with_the_runs_options(tmp_path: Path) -> None:
+    root = build(tmp_path / "d", two_classes(n=10))
+    listed = {f"red/{i:02d}.png": None for i in range(1, 10)} | {f"blue/{i:02d}.png": None for i in range(10, 20)}
+    a = load(root, seed=5, files=listed)
+    assert {s.path for s in a.samples} == set(listed) and not a.report()["recorded_split"]
+    assert {s.path: s.split for s in a.samples} == {s.path: s.split for s in load(root, seed=5, files=listed).samples}
+    assert {s.path: s.split for s in a.samples} != {s.path: s.split for s in load(root, seed=6, files=listed).samples}
+
+
+def test_a_recorded_file_that_disappeared_is_an_error(tmp_path: Path) -> None:
+    root = build(tmp_path / "d", two_classes(n=4))
+    recorded = {s.path: s.split for s in load(root).samples}
+    (root / "red" / "00.png").unlink()
+    with pytest.raises(DatasetError, match="not in the dataset folder any more"):
+        load(root, files=recorded)
+
+
+def test_a_split_file_is_read_line_by_line(tmp_path: Path) -> None:
+    from finetune.dataset import read_split_file
+
+    path = tmp_path / "split.jsonl"
+    path.write_text('{"stored": "a/1.png", "path": "A/1.png", "split": "val"}\n{"path": "b/2.png", "split": null}\n')
+    assert read_split_file(path) == {"a/1.png": "val", "b/2.png": None}
+    path.write_text('{"stored": "a/1.png"}\nnot json\n')
+    with pytest.raises(DatasetError, match="line 2"):
+        read_split_file(path)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import finetune.pixelcache
+import finetune.dataset
+import finetune.datastore
 from finetune.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from finetune.errors import Cancelled, CheckpointError, ConfigError, DatasetError, WeightsError, WeightsNotCachedError
 from finetune.events import BatchEnd, EpochEnd, Event, RunStarted
@@ -199,27 +200,46 @@ def test_resume_refuses_a_changed_dataset(tmp_path: Path) -> None:
 # -- decode once -------------------------------------------------------------------------------------------
 
 
-def test_images_are_decoded_once_across_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    data = make_shapes_dataset(tmp_path / "data", per_class=6, size=32, classes=["circle", "square"])
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every decode into the pixel store (the dataset check's and a rebuild's), by tier."""
     decoded: list[int] = []
     lock = threading.Lock()
-    real = finetune.pixelcache.decode_for_size
 
-    def spy(source: Any, short_side: int, **kw: Any) -> Any:
-        with lock:
-            decoded.append(short_side)
-        return real(source, short_side, **kw)
+    for module in (finetune.dataset, finetune.datastore):
+        real = module.stored_pixels
 
-    monkeypatch.setattr(finetune.pixelcache, "decode_for_size", spy)
+        def spy(source: Any, tier: int, _real: Any = real, **kw: Any) -> Any:
+            with lock:
+                decoded.append(tier)
+            return _real(source, tier, **kw)
+
+        monkeypatch.setattr(module, "stored_pixels", spy)
+    return decoded
+
+
+def test_images_are_decoded_once_across_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_shapes_dataset(tmp_path / "data", per_class=6, size=32, classes=["circle", "square"])
+    decoded = _count_decodes(monkeypatch)
     cache = tmp_path / "cache"
     config = lenet_config(data, tmp_path / "a", cache, epochs=1, val_fraction=0.2, test_fraction=0.0)
     train(config)
-    assert decoded == [37] * 12  # every file once, at LeNet's resize size
+    assert decoded == [64] * 12  # every file once, for the tier LeNet's 37 px resize reads
     decoded.clear()
     train(lenet_config(data, tmp_path / "b", cache, epochs=2, val_fraction=0.2, test_fraction=0.0, seed=5))
     assert decoded == []  # another run, another seed and split: nothing decoded again
-    train(lenet_config(data, tmp_path / "c", cache, epochs=1, image_size=48, val_fraction=0.2, test_fraction=0.0))
-    assert decoded == [56] * 12  # a new size is a new cache entry
+    train(lenet_config(data, tmp_path / "c", cache, epochs=1, image_size=112, val_fraction=0.2, test_fraction=0.0))
+    assert decoded == []  # 32 px images are stored at their own size: the same copy serves every tier
+
+
+def test_larger_images_get_one_copy_per_tier(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = make_shapes_dataset(tmp_path / "data", per_class=4, size=150, classes=["circle", "square"])
+    decoded = _count_decodes(monkeypatch)
+    cache = tmp_path / "cache"
+    train(lenet_config(data, tmp_path / "a", cache, epochs=1, val_fraction=0.25, test_fraction=0.0))
+    train(lenet_config(data, tmp_path / "b", cache, epochs=1, image_size=48, val_fraction=0.25, test_fraction=0.0))
+    assert decoded == [64] * 8  # crops of 32 and 48 px (resize 37 and 56) read the same 64 px copy
+    train(lenet_config(data, tmp_path / "c", cache, epochs=1, image_size=96, val_fraction=0.25, test_fraction=0.0))
+    assert decoded == [64] * 8 + [128] * 8  # resize 110: the next octave, stored once more
 
 
 # -- crash while saving ------------------------------------------------------------------------------------
@@ -301,14 +321,7 @@ def test_load_checkpoint_errors(tmp_path: Path, full_run: Trained) -> None:
 def test_a_run_that_cannot_start_leaves_its_folder_reusable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = make_shapes_dataset(tmp_path / "data", per_class=6, size=32)
     cache, out = tmp_path / "cache", tmp_path / "run"
-    decoded: list[int] = []
-    real = finetune.pixelcache.decode_for_size
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        decoded.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(finetune.pixelcache, "decode_for_size", spy)
+    decoded = _count_decodes(monkeypatch)
 
     # Missing weights are refused before a single image is decoded.
     with pytest.raises(WeightsNotCachedError, match="finetune weights import resnet18"):

@@ -1,5 +1,6 @@
-"""Probes and metrics at the root: ``/healthz`` (the process answers), ``/readyz`` (the database and the
-queue answer), ``/metrics`` (Prometheus)."""
+"""Probes and metrics at the root: ``/healthz`` (the process answers), ``/readyz`` (the database, the
+queue and the pixel store answer; the store's usage and budget are in the answer), ``/metrics``
+(Prometheus)."""
 
 from __future__ import annotations
 
@@ -44,10 +45,22 @@ async def readyz(request: Request) -> dict[str, Any]:
         "database": "ok" if await run_in_threadpool(_check_database, request) else "failed",
         "queue": "ok" if await run_in_threadpool(request.app.state.queue.ping) else "failed",
     }
+    store = await run_in_threadpool(_pixel_store_usage, request)
+    checks["pixel_store"] = "ok" if store is not None else "failed"
     failed = [name for name, result in checks.items() if result != "ok"]
     if failed:
         raise ApiError(503, "not_ready", f"not ready: {', '.join(failed)} check failed", details=checks)
-    return {"status": "ready", "checks": checks}
+    return {"status": "ready", "checks": checks, "pixel_store": store}
+
+
+def _pixel_store_usage(request: Request) -> dict[str, int] | None:
+    """Bytes used, pinned and building in this host's pixel store, and its budget (``max_bytes``)."""
+    try:
+        usage: dict[str, int] = request.app.state.pixel_store.usage()
+        return usage
+    except Exception:
+        log.exception("readiness: the pixel store is not readable")
+        return None
 
 
 @router.get(

@@ -62,6 +62,9 @@ class JobOut(BaseModel):
     finished_at: UtcDateTime | None
     model_id: str | None = None
     metrics: list[MetricOut] | None = None
+    # The split the run trains on, once its data is checked: "source" recorded (the dataset's own split),
+    # drawn (its own seed and fractions) or folders; "counts" per class and split, "totals" per split.
+    split: dict[str, Any] | None = None
 
 
 def metric_out(m: JobMetric) -> MetricOut:
@@ -99,6 +102,7 @@ def job_out(job: Job, metrics: list[JobMetric] | None = None, model_id: str | No
         attempt=job.attempt,
         error=job.error,
         error_code=job.error_code,
+        split=job.data_split,
         cancel_requested=job.cancel_requested,
         created_at=job.created_at,
         started_at=job.started_at,
