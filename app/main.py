@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -31,10 +32,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        app.state.storage.clean_temp()
+        storage: Storage = app.state.storage
+        storage.clean_temp()  # leftovers of a crash (never another live API's uploads in flight)
+        stop = threading.Event()
+        storage.keep_temp_alive(stop)
         yield
+        stop.set()
         await app.state.model_cache.close()
         app.state.queue.close()
+        storage.clean_temp()
 
     app = FastAPI(
         title="finetune-service",
@@ -44,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = session_factory(settings.db_url)
-    app.state.storage = Storage(settings.data_dir)
+    app.state.storage = Storage(settings.data_dir, stale_seconds=settings.temp_stale_seconds)
     app.state.queue = JobQueue(settings)
     app.state.rate_limits = RateLimits.from_settings(settings)
     app.state.metrics = metrics = Metrics()

@@ -122,7 +122,7 @@ def scrape_values(app: Any) -> None:
     """Refresh the gauges that are read from elsewhere (blocking: the queue and the database)."""
     from sqlalchemy import func, select
 
-    from app.db.tables import Job
+    from app.db.tables import Job, JobStatus
 
     metrics: Metrics = app.state.metrics
     try:
@@ -132,7 +132,7 @@ def scrape_values(app: Any) -> None:
         metrics.queue_depth.set(float("nan"))
     try:
         with app.state.sessions() as session:
-            running = session.scalar(select(func.count()).select_from(Job).where(Job.status == "running"))
+            running = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.RUNNING))
         metrics.jobs_running.set(running or 0)
     except Exception:
         log.exception("could not count running jobs")

@@ -20,7 +20,7 @@ import logging
 import math
 import platform
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -103,11 +103,20 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: 
     return _Run(config, list(callbacks), should_stop).execute(resume_from=None)
 
 
-def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop: StopFlag | None = None) -> RunResult:
-    """Continue a run from its ``last`` checkpoint (or from the start if it never finished an epoch)."""
+def resume(
+    run_dir: str | Path,
+    callbacks: Sequence[Callback] = (),
+    should_stop: StopFlag | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Continue a run from its ``last`` checkpoint (or from the start if it never finished an epoch).
+
+    ``overrides`` replaces settings of the recorded config that belong to the machine rather than to the run
+    (``data``, ``cache_dir``, ``weights_dir``, ``device``...): a run moved to another host, or to a shared
+    folder mounted elsewhere, resumes with that host's paths."""
     run_dir = Path(run_dir)
     info = read_json(run_dir / RUN_FILE)
-    config = TrainConfig.from_dict(info["config"]).validate()
+    config = TrainConfig.from_dict({**info["config"], **(overrides or {})}).validate()
     if Path(config.out).resolve() != run_dir.resolve():
         config.out = str(run_dir)
     last = load_checkpoint(run_dir, "last") if (run_dir / "last").exists() else None

@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep
 from app.api.routes.jobs import job_out  # the job page seeds its charts with exactly the API's JSON
-from app.db.tables import FINISHED_STATUSES, Dataset, Job
+from app.db.tables import FINISHED_STATUSES, Dataset, Job, JobStatus
 from app.errors import ApiError, error_body
 from app.pages.login import LoginRequired, PageUser
 from app.pages.login import router as login_router
@@ -86,13 +86,7 @@ FIELD_LABELS = {
     "channels_last": "Channels-last layout",
     "compile": "torch.compile",
 }
-STATUS_LABELS = {
-    "queued": "Queued",
-    "running": "Running",
-    "succeeded": "Succeeded",
-    "failed": "Failed",
-    "cancelled": "Cancelled",
-}
+STATUS_LABELS = {status: status.value.capitalize() for status in JobStatus}
 
 
 DASH = "\u2013"  # shown for a missing number

@@ -18,7 +18,7 @@ from PIL import Image
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.tables import Dataset, Job, User
+from app.db.tables import Dataset, Job, JobStatus, User
 from app.errors import ApiError, not_found
 from app.services.uploads import ReceivedUpload
 from app.settings import Settings
@@ -35,7 +35,7 @@ IMAGES_DIR = "images"
 REPORT_FILE = "report.json"
 THUMBNAILS_PER_CLASS = 4
 THUMBNAIL_SIZE = 160
-ACTIVE_JOB_STATUSES = ("queued", "running")
+ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 
 
 @dataclass

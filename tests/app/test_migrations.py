@@ -11,7 +11,7 @@ from app.db import engine_for, session_scope
 from app.db.migrate import alembic_config, downgrade, upgrade
 from app.db.tables import Base, Dataset, Model, User
 
-TABLES = {"users", "api_keys", "web_sessions", "login_tokens", "datasets", "jobs", "job_metrics", "models"}
+TABLES = {"users", "api_keys", "web_sessions", "login_tokens", "datasets", "jobs", "job_metrics", "models", "workers"}
 
 
 def head_revision(url: str) -> str:
