@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from app.api.routes import datasets, health, jobs, models, predict, weights
+from app.api.routes import datasets, health, jobs, models, predict, weights, workers
 from app.db import session_factory
 from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(models.router)
     api.include_router(predict.router)
     api.include_router(weights.router)
+    api.include_router(workers.router)
     app.include_router(api)
     app.include_router(health.router)
     pages.install(app)  # the HTML pages and /static (after the API: its routes come first)

@@ -193,8 +193,8 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
         here: dict[str, Any] = {
             # The uploaded folder itself (the engine finds the same root in it), so its names file is read.
             "data": str(dataset_images_folder(storage, dataset).relative_to(storage.root)),
-            "cache_dir": str(settings.cache_dir),
-            "weights_dir": str(settings.weights_dir) if settings.weights_dir else None,
+            "cache_dir": _under(settings.cache_dir, storage.root),
+            "weights_dir": _under(settings.weights_dir, storage.root) if settings.weights_dir else None,
         }
         out = str(run_dir.relative_to(storage.root))
         # Paths relative to the data folder, the working directory meanwhile: see the module's docstring.
@@ -237,6 +237,12 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
                 )
             )
     return 0
+
+
+def _under(path: Path, root: Path) -> str:
+    """``path`` relative to the data folder when it is inside it (one host's cache there); else this host's
+    own absolute path, which only this host uses: a resume passes its own again."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def _clear_unstarted(run_dir: Path) -> None:

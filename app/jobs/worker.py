@@ -289,9 +289,11 @@ class JobWorker:
         if ended.lost:
             return
         rc = ended.returncode
+        # A child still starting when the drain began dies of the drain signal itself (no handler yet): drained.
+        drained = ended.drained or self.draining.is_set()
         requeued = False
         with session_scope(self.settings.db_url) as s:
-            if ended.drained and not ended.cancelled and (rc == EXIT_DRAINED or rc < 0):
+            if drained and not ended.cancelled and (rc == EXIT_DRAINED or rc < 0):
                 why = f"its worker on {self.host} was shut down; it continues from its last checkpoint"
                 requeued = state.requeue(s, job_id, attempt, why, retry=False) is state.Requeued.REQUEUED
             elif ended.cancelled:
