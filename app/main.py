@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = session_factory(settings.db_url)
-    app.state.storage = Storage(settings.data_dir, stale_seconds=settings.temp_stale_seconds)
+    app.state.storage = Storage.from_settings(settings)
     app.state.queue = JobQueue(settings)
     app.state.rate_limits = RateLimits.from_settings(settings)
     app.state.metrics = metrics = Metrics()

@@ -80,7 +80,12 @@ class Settings(BaseSettings):
     rate_limit_uploads_per_hour: float = Field(60, ge=0, description="dataset uploads per user per hour")
     max_queued_jobs_per_user: int = Field(20, ge=0, description="jobs one user may have waiting in the queue")
 
-    # Files
+    # Files: the data folder (shared by every host), or an S3-compatible bucket for datasets, runs and models.
+    storage_backend: Literal["filesystem", "s3"] = "filesystem"
+    s3_bucket: str | None = None
+    s3_prefix: str = Field("", description="keys under this prefix in the bucket")
+    s3_endpoint_url: str | None = Field(None, description="for MinIO, Ceph, R2...; credentials: the AWS_* variables")
+    s3_region: str | None = None
     local_cache_dir: Path | None = Field(
         None,
         description="this host's caches (decoded pixels, features); never shared between hosts. Default: "
@@ -99,6 +104,8 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.local_cache_dir is not None:
             self.local_cache_dir = self.local_cache_dir.expanduser().resolve()
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("FINETUNE_STORAGE_BACKEND=s3 needs FINETUNE_S3_BUCKET")
         return self
 
     @property

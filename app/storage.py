@@ -8,6 +8,10 @@ in it names an absolute path, and ``tmp/`` entries belong to the process that ma
 carries its owner (a random id per process start), the owner refreshes its entries' times while it lives,
 and a process cleans only its own entries and those nobody has refreshed for ``stale_seconds`` (a crashed
 process's leftovers) — never another live process's upload in flight.
+
+With object storage (``FINETUNE_STORAGE_BACKEND=s3``) the bucket holds the datasets, run folders and
+models, and ``root`` is this host's local copy of what it reads (under its cache folder): ``fetch`` before
+reading a folder, ``publish`` after writing one. On the filesystem both are no-ops.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.objectstore import ObjectStore
+    from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +38,49 @@ TOUCH_INTERVAL_SECONDS = 60.0
 
 
 class Storage:
-    def __init__(self, root: Path, *, stale_seconds: float = DEFAULT_STALE_SECONDS) -> None:
+    def __init__(
+        self, root: Path, *, stale_seconds: float = DEFAULT_STALE_SECONDS, store: ObjectStore | None = None
+    ) -> None:
         self.root = root.resolve()
         self.stale_seconds = stale_seconds
+        self.store = store
         self._mine: set[Path] = set()
         self._mine_lock = threading.Lock()
+        self._fetched: set[str] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        if settings.storage_backend == "filesystem":
+            return cls(settings.data_dir, stale_seconds=settings.temp_stale_seconds)
+        from app.objectstore import ObjectStore
+
+        assert settings.s3_bucket, "FINETUNE_S3_BUCKET is required with the s3 storage backend"
+        store = ObjectStore(settings.s3_bucket, settings.s3_prefix, settings.s3_endpoint_url, settings.s3_region)
+        return cls(settings.cache_dir / "objects", stale_seconds=settings.temp_stale_seconds, store=store)
+
+    # -- object storage (no-ops on the filesystem) ---------------------------------------------------------
+    def fetch(self, key: str) -> Path:
+        """The local folder of ``key``, brought up to date from the object store first."""
+        if self.store is not None:
+            self.store.fetch(key, self.path(key))
+        return self.path(key)
+
+    def fetch_once(self, key: str) -> Path:
+        """``fetch`` for folders that never change once written (a model's run): once per process."""
+        if self.store is not None and key not in self._fetched:
+            self.store.fetch(key, self.path(key))
+            self._fetched.add(key)
+        return self.path(key)
+
+    def fetch_file(self, key: str) -> Path:
+        if self.store is not None:
+            self.store.fetch_file(key, self.path(key))
+        return self.path(key)
+
+    def publish(self, key: str) -> None:
+        """Send the local folder of ``key`` to the object store (what changed; what was deleted goes)."""
+        if self.store is not None:
+            self.store.publish(self.path(key), key)
 
     def path(self, key: str) -> Path:
         """The absolute path of ``key``; refuses keys that would leave the data folder."""
@@ -43,6 +90,8 @@ class Storage:
         return p
 
     def exists(self, key: str) -> bool:
+        if self.store is not None:
+            return self.store.exists(key)
         return self.path(key).exists()
 
     @staticmethod
@@ -72,6 +121,9 @@ class Storage:
 
     def delete(self, key: str) -> None:
         """Remove ``key`` (renamed aside first, so a crash mid-delete leaves nothing half there)."""
+        if self.store is not None:
+            self.store.delete(key)
+            self._fetched.discard(key)
         p = self.path(key)
         if not p.exists():
             return
@@ -81,6 +133,8 @@ class Storage:
         shutil.rmtree(trash, ignore_errors=True)
 
     def size(self, key: str) -> int:
+        if self.store is not None:
+            return self.store.size(key)
         p = self.path(key)
         if p.is_file():
             return p.stat().st_size

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,11 @@ EXIT_DRAINED = 75  # same as app.jobs.worker.EXIT_DRAINED (not imported: the wor
 class JobReporter:
     """Engine events -> database rows, throttled; also the engine's stop flag (cancel, lost, or drain)."""
 
-    def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
+    def __init__(
+        self, settings: Settings, job_id: str, attempt: int, publish: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.publish = publish or (lambda: None)  # the run folder to the object store (when there is one)
         self.url = settings.db_url
         self.job_id = job_id
         self.attempt = attempt
@@ -167,6 +171,9 @@ class JobReporter:
                 )
             )
 
+    def on_checkpoint_saved(self, e: Any) -> None:
+        self.publish()
+
     def on_oom_retry(self, e: Any) -> None:
         self._update(message=f"CUDA out of memory: now {e.accumulation_steps} micro-batches of {e.new_micro_batch}")
 
@@ -177,7 +184,7 @@ class JobReporter:
 def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | None = None) -> int:
     from finetune.train import resume, train
 
-    storage = Storage(settings.data_dir)
+    storage = Storage.from_settings(settings)
     with session_scope(settings.db_url) as s:
         job = s.get(Job, job_id)
         if job is None or job.attempt != attempt or job.status != JobStatus.RUNNING:
@@ -186,10 +193,13 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
         dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
         job_config, run_key, owner_id = dict(job.config), job.run_key, job.owner_id
     reporter = reporter or JobReporter(settings, job_id, attempt)
+    reporter.publish = lambda: storage.publish(run_key)
     run_dir = storage.path(run_key)
     try:
         if dataset is None:
             raise InputError("the job's dataset was deleted")
+        storage.fetch(dataset.storage_key)  # with object storage: this host's copy, brought up to date
+        storage.fetch(run_key)  # a run another host started (or continued) goes on from its last checkpoint
         here: dict[str, Any] = {
             # The uploaded folder itself (the engine finds the same root in it), so its names file is read.
             "data": str(dataset_images_folder(storage, dataset).relative_to(storage.root)),
@@ -205,6 +215,7 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
                 _clear_unstarted(run_dir)
                 result = train(TrainConfig(**job_config, **here, out=out), [reporter], reporter.should_stop)
     except (Cancelled, Superseded):
+        _publish_quietly(storage, run_key)
         if reporter.draining:
             log.info("job %s attempt %s stopped for its worker's drain; the worker requeues it", job_id, attempt)
             return EXIT_DRAINED
@@ -212,13 +223,16 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
             state.cancelled(s, job_id, attempt)
         return 0
     except InputError as e:
+        _publish_quietly(storage, run_key)
         _fail(settings, job_id, attempt, str(e), getattr(e, "code", "bad_input"))
         return 0
     except Exception as e:
         log.exception("job %s failed", job_id)
+        _publish_quietly(storage, run_key)
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
         _fail(settings, job_id, attempt, _explain_failure(e, detail), "training_failed")
         return 1
+    storage.publish(run_key)  # the model's files are in the store before the model row says they exist
     with session_scope(settings.db_url) as s:
         ok = state.succeed(s, job_id, attempt, progress=1.0, message="finished")
         if ok:
@@ -237,6 +251,15 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
                 )
             )
     return 0
+
+
+def _publish_quietly(storage: Storage, run_key: str) -> None:
+    """On the way out after a stop or a failure: what was saved goes to the store if it can."""
+    try:
+        if storage.path(run_key).is_dir():
+            storage.publish(run_key)
+    except Exception:
+        log.exception("could not publish %s", run_key)
 
 
 def _under(path: Path, root: Path) -> str:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def recover_lost_jobs(settings: Settings, queue: JobQueue) -> list[str]:
     """Requeue (or fail, past the retry cap) running jobs whose lease has lapsed; returns the requeued ids."""
-    storage = Storage(settings.data_dir)
+    storage = Storage.from_settings(settings)
     requeued: list[str] = []
     with session_scope(settings.db_url) as s:
         lost = s.execute(

@@ -102,6 +102,7 @@ def store_dataset(
     target.mkdir(parents=True)
     (target / REPORT_FILE).write_text(json.dumps(checked.report))
     checked.folder.rename(target / IMAGES_DIR)
+    storage.publish(dataset.storage_key)  # with object storage: to the bucket, this host keeping its copy
     return dataset
 
 
@@ -123,7 +124,7 @@ def dataset_images_root(storage: Storage, dataset: Dataset) -> Path:
 
 
 def full_report(storage: Storage, dataset: Dataset) -> dict[str, Any]:
-    return json.loads((storage.path(dataset.storage_key) / REPORT_FILE).read_text())
+    return json.loads(storage.fetch_file(f"{dataset.storage_key}/{REPORT_FILE}").read_text())
 
 
 def get_owned(session: Session, owner: User, dataset_id: str) -> Dataset:
@@ -157,7 +158,7 @@ def thumbnail(storage: Storage, dataset: Dataset, index: int) -> bytes:
         raise not_found("image", str(index))
     # "stored" is where a renamed file is ("path" is the user's name for it); older reports have only "path".
     path = dataset_images_root(storage, dataset) / files[index].get("stored", files[index]["path"])
-    img = open_image(path)
+    img = open_image(storage.fetch_file(path.relative_to(storage.root).as_posix()))
     img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)

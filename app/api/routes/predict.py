@@ -90,7 +90,10 @@ async def predict(
     run_key = await run_in_threadpool(lookup)
     images = await svc.receive_images(request, settings.max_predict_bytes, settings.max_predict_images)
     try:
-        loaded = await cache.get(model_id, storage.path(run_key))
+        folder = (
+            storage.path(run_key) if storage.store is None else await run_in_threadpool(storage.fetch_once, run_key)
+        )
+        loaded = await cache.get(model_id, folder)
     except CheckpointError:
         raise ApiError(
             409, "model_unavailable", f"the files of model {model_id} are missing or incomplete on this server"
