@@ -22,6 +22,8 @@ import hashlib
 import logging
 import os
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,15 @@ SYMLINK_SUFFIX = ".symlink"
 # Below boto3's multipart threshold an object's ETag is the MD5 of its bytes: compared to spot changes in
 # files rewritten in place (run.json). Larger files (weights) are written once under a new name: size will do.
 MD5_LIMIT = 8 * 1024 * 1024
+# Transfers run this many at a time: a dataset is many small objects, and each request waits mostly on the
+# network (boto3's clients are thread-safe).
+PARALLEL_TRANSFERS = 16
+
+
+def _each(action: Callable[[Any], None], items: Iterable[Any]) -> None:
+    with ThreadPoolExecutor(PARALLEL_TRANSFERS) as pool:
+        for _ in pool.map(action, items):
+            pass
 
 
 class ObjectStore:
@@ -82,9 +93,8 @@ class ObjectStore:
         remote = self.listing(key)
         files, links = _walk(local)
         base = self._key(key) + "/"
-        for rel, path in files.items():
-            if not _same(path, remote.get(rel)):
-                self.client.upload_file(str(path), self.bucket, base + rel)
+        changed = [(rel, path) for rel, path in files.items() if not _same(path, remote.get(rel))]
+        _each(lambda item: self.client.upload_file(str(item[1]), self.bucket, base + item[0]), changed)
         for rel, target in links.items():
             name = rel + SYMLINK_SUFFIX
             if remote.get(name, (0, ""))[1] != hashlib.md5(target.encode()).hexdigest():
@@ -94,21 +104,28 @@ class ObjectStore:
             batch = [{"Key": base + n} for n in stale[i : i + 1000]]
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
-    def fetch(self, key: str, local: Path) -> bool:
-        """Bring the local copy of the folder ``key`` up to date; False when the store has nothing there."""
+    def fetch(self, key: str, local: Path, *, immutable: bool = False) -> bool:
+        """Bring the local copy of the folder ``key`` up to date; False when the store has nothing there.
+        ``immutable``: its files never change once written (a dataset): a local file of the right size is
+        taken as is, without reading it to compare checksums."""
         remote = self.listing(key)
         if not remote:
             return False
         base = self._key(key) + "/"
-        for rel, (size, etag) in remote.items():
-            if rel.endswith(SYMLINK_SUFFIX):
-                continue
+
+        def download(rel: str) -> None:
             path = local / rel
-            if not _same(path, (size, etag)):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-                self.client.download_file(self.bucket, base + rel, str(tmp))
-                os.replace(tmp, path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+            self.client.download_file(self.bucket, base + rel, str(tmp))
+            os.replace(tmp, path)
+
+        missing = [
+            rel
+            for rel, (size, etag) in remote.items()
+            if not rel.endswith(SYMLINK_SUFFIX) and not _same(local / rel, (size, "-" if immutable else etag))
+        ]
+        _each(download, missing)
         for rel in remote:
             if rel.endswith(SYMLINK_SUFFIX):
                 target = self.client.get_object(Bucket=self.bucket, Key=base + rel)["Body"].read().decode()
@@ -154,7 +171,7 @@ def _same(path: Path, remote: tuple[int, str] | None) -> bool:
     size, etag = remote
     if path.stat().st_size != size:
         return False
-    if size >= MD5_LIMIT or "-" in etag:  # multipart uploads' ETags are not an MD5
+    if size >= MD5_LIMIT or "-" in etag:  # multipart uploads' ETags are not an MD5 ("-": size is enough)
         return True
     return hashlib.md5(path.read_bytes()).hexdigest() == etag
 

@@ -59,10 +59,11 @@ class Storage:
         return cls(settings.cache_dir / "objects", stale_seconds=settings.temp_stale_seconds, store=store)
 
     # -- object storage (no-ops on the filesystem) ---------------------------------------------------------
-    def fetch(self, key: str) -> Path:
-        """The local folder of ``key``, brought up to date from the object store first."""
+    def fetch(self, key: str, *, immutable: bool = False) -> Path:
+        """The local folder of ``key``, brought up to date from the object store first (``immutable``: its
+        files never change once written, so sizes are compared, not contents)."""
         if self.store is not None:
-            self.store.fetch(key, self.path(key))
+            self.store.fetch(key, self.path(key), immutable=immutable)
         return self.path(key)
 
     def fetch_once(self, key: str) -> Path:

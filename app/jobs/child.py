@@ -198,7 +198,7 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
     try:
         if dataset is None:
             raise InputError("the job's dataset was deleted")
-        storage.fetch(dataset.storage_key)  # with object storage: this host's copy, brought up to date
+        storage.fetch(dataset.storage_key, immutable=True)  # with object storage: this host's copy of it
         storage.fetch(run_key)  # a run another host started (or continued) goes on from its last checkpoint
         here: dict[str, Any] = {
             # The uploaded folder itself (the engine finds the same root in it), so its names file is read.

@@ -321,6 +321,7 @@ class JobWorker:
     def _housekeep(self) -> None:
         s = self.settings
         next_weights = time.monotonic() + WEIGHTS_REFRESH_SECONDS
+        next_sweep = 0.0  # lost messages: every half grace period (it reads the queue's pending messages)
         while not self._done.is_set():
             try:
                 if time.monotonic() >= next_weights:
@@ -332,7 +333,9 @@ class JobWorker:
                         session, self.id, s.lease_seconds, draining=self.draining.is_set(), weights=self.weights
                     )
                 recovery.recover_lost_jobs(s, self.queue)
-                recovery.resend_lost_messages(s, self.queue)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + s.lost_message_seconds / 2
+                    recovery.resend_lost_messages(s, self.queue)
             except Exception:
                 log.exception("housekeeping failed; trying again")
             self._done.wait(s.recovery_interval_seconds)

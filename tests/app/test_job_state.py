@@ -17,6 +17,8 @@ from app.db import session_scope
 from app.db.tables import Job, JobStatus, User
 from app.errors import ApiError
 from app.jobs import state
+from app.jobs.queue import JobQueue
+from app.jobs.recovery import resend_lost_messages
 from app.services import jobs as job_svc
 from app.settings import Settings
 from finetune.config import TrainConfig
@@ -180,3 +182,29 @@ def test_a_requeue_honours_a_cancel_asked_for_meanwhile(client: TestClient, data
 
 def _utc(t: datetime) -> datetime:
     return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+
+def test_a_failed_enqueue_is_still_accepted_and_sent_later(
+    client: TestClient, dataset: dict, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue is down when a job is submitted: the job is committed, so the client gets its 202 (not a 500
+    for a job that exists), and the workers' sweep sends its message once the queue is back."""
+
+    def down(job_id: str) -> None:
+        raise ConnectionError("the queue is not reachable")
+
+    monkeypatch.setattr(client.app.state.queue, "enqueue", down)  # type: ignore[attr-defined]
+    r = client.post(API, json={"dataset_id": dataset["id"], **TINY})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    with session_scope(settings.db_url) as s:
+        s.execute(
+            update(Job).where(Job.id == job_id).values(enqueued_at=state.db_now(-settings.lost_message_seconds - 1))
+        )
+    queue = JobQueue(settings)
+    try:
+        assert job_id not in queue.pending_job_ids()
+        assert resend_lost_messages(settings, queue) == [job_id]
+        assert job_id in queue.pending_job_ids()
+    finally:
+        queue.close()
