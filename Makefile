@@ -11,7 +11,7 @@ PY := .venv/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve worker test test-fast lint browser-deps bench clean-env
+.PHONY: install serve worker test test-fast lint browser-deps compose-deps bench clean-env
 
 install: .venv/.installed-$(ENV_KEY) node_modules/.installed
 
@@ -45,7 +45,12 @@ worker: install
 browser-deps:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-test: install browser-deps
+# Compose validates deploy/compose.yaml offline (`config`: no engine, no pulls): the Docker CLI's plugin when
+# it is there, else Debian's docker-compose.
+compose-deps:
+	@docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null)
+
+test: install browser-deps compose-deps
 	$(PY) -m ruff check finetune app tests bench
 	$(PY) -m mypy
 	$(PY) -m pytest -q

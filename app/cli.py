@@ -3,6 +3,9 @@
 python -m app.cli serve [--host 127.0.0.1] [--port 8000] [--no-worker]
 python -m app.cli worker
 python -m app.cli migrate [--revision head]
+
+Every command applies the migrations first (on PostgreSQL under an advisory lock: hosts starting together
+take turns). A multi-host configuration that uses SQLite anywhere is refused (exit code 2).
 """
 
 from __future__ import annotations
@@ -24,11 +27,22 @@ from app.settings import Settings, get_settings
 log = logging.getLogger("app.cli")
 
 
+class DeploymentError(Exception):
+    """A configuration that must not start (said on stderr, exit code 2)."""
+
+
+def check_deployment(settings: Settings) -> None:
+    problem = settings.deployment_problem()
+    if problem:
+        raise DeploymentError(problem)
+
+
 class WorkerSupervisor:
     """Runs ``app.cli worker`` next to the API and restarts it if it dies (a crash loses no job: the
     restarted worker recovers what the dead one held)."""
 
-    def __init__(self) -> None:
+    def __init__(self, drain_seconds: float) -> None:
+        self.drain_seconds = drain_seconds
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="worker-supervisor", daemon=True)
@@ -52,9 +66,9 @@ class WorkerSupervisor:
     def stop(self) -> None:
         self.stopping.set()
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.terminate()  # the worker drains: its jobs stop at a batch boundary and are requeued
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=self.drain_seconds + 15)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
@@ -67,12 +81,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     settings = get_settings()
+    check_deployment(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
     host = args.host or settings.host
     port = args.port or settings.port
     announce_first_login(settings, host, port)
-    supervisor = WorkerSupervisor() if not args.no_worker else None
+    supervisor = WorkerSupervisor(settings.drain_timeout_seconds) if not args.no_worker else None
     if supervisor:
         supervisor.start()
     print(f"finetune-service on http://{host}:{port}  (data: {settings.data_dir}, API docs: /docs)", flush=True)
@@ -126,6 +141,7 @@ def cmd_users(args: argparse.Namespace) -> int:
     from app.storage import Storage
 
     settings = get_settings()
+    check_deployment(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
     files: list[str] = []  # storage keys to remove once the rows are gone
@@ -169,7 +185,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check_dependencies()
     from app.jobs.worker import run_worker
 
-    run_worker(get_settings())
+    settings = get_settings()
+    check_deployment(settings)
+    run_worker(settings)
     return 0
 
 
@@ -177,6 +195,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from app.db.migrate import downgrade, upgrade
 
     settings = get_settings()
+    check_deployment(settings)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if args.down:
         downgrade(settings.db_url, args.revision or "base")
@@ -215,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"serve": cmd_serve, "worker": cmd_worker, "migrate": cmd_migrate, "users": cmd_users}
     try:
         return commands[args.command](args)
-    except InsecureDependencyError as e:
+    except (InsecureDependencyError, DeploymentError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

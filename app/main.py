@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from app.api.routes import datasets, health, jobs, models, predict, weights
+from app.api.routes import datasets, health, jobs, models, predict, weights, workers
 from app.db import session_factory
 from app.errors import install_error_handlers
 from app.jobs.queue import JobQueue
@@ -34,13 +35,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        app.state.storage.clean_temp()
+        storage: Storage = app.state.storage
+        storage.clean_temp()  # leftovers of a crash (never another live API's uploads in flight)
+        stop = threading.Event()
+        storage.keep_temp_alive(stop)
         app.state.dataset_checks.sweep()  # uploads a previous run of the service was checking when it stopped
         yield
-        await run_in_threadpool(app.state.dataset_checks.shutdown)
+        await run_in_threadpool(app.state.dataset_checks.shutdown)  # the checks running finish first
+        stop.set()
         await app.state.model_cache.close()
         app.state.queue.close()
         app.state.pixel_store.close()
+        storage.clean_temp()
 
     app = FastAPI(
         title="finetune-service",
@@ -50,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.sessions = session_factory(settings.db_url)
-    app.state.storage = Storage(settings.data_dir)
+    app.state.storage = Storage.from_settings(settings)
     app.state.queue = JobQueue(settings)
     # This host's pixel store: uploads stage their decoded pixels in it; /readyz and /metrics report it.
     app.state.pixel_store = open_store(settings.cache_dir, max_bytes=settings.cache_max_bytes)
@@ -74,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     api.include_router(models.router)
     api.include_router(predict.router)
     api.include_router(weights.router)
+    api.include_router(workers.router)
     app.include_router(api)
     app.include_router(health.router)
     pages.install(app)  # the HTML pages and /static (after the API: its routes come first)

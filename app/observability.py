@@ -56,6 +56,17 @@ class Metrics:
             registry=r,
         )
         self.pixel_store_shards = Gauge("finetune_pixel_store_shards", "shard files in the pixel store", registry=r)
+        # The worker registry (every worker of the deployment, read from the database at each scrape).
+        self.workers = Gauge("finetune_workers", "workers by state", ["state"], registry=r)
+        worker_labels = ["worker", "host", "state"]
+        self.worker_slots = Gauge("finetune_worker_slots", "jobs a worker runs at once", worker_labels, registry=r)
+        self.worker_jobs = Gauge("finetune_worker_jobs", "jobs a worker runs now", worker_labels, registry=r)
+        self.worker_heartbeat_age = Gauge(
+            "finetune_worker_heartbeat_age_seconds",
+            "seconds since a worker's last heartbeat, on the database's clock",
+            worker_labels,
+            registry=r,
+        )
 
     def observe_batch(self, size: int) -> None:
         self.predict_batch_size.observe(size)
@@ -129,7 +140,8 @@ def scrape_values(app: Any) -> None:
     """Refresh the gauges that are read from elsewhere (blocking: the queue and the database)."""
     from sqlalchemy import func, select
 
-    from app.db.tables import Job
+    from app.db.tables import Job, JobStatus
+    from app.services.workers import registry
 
     metrics: Metrics = app.state.metrics
     try:
@@ -139,11 +151,16 @@ def scrape_values(app: Any) -> None:
         metrics.queue_depth.set(float("nan"))
     try:
         with app.state.sessions() as session:
-            running = session.scalar(select(func.count()).select_from(Job).where(Job.status == "running"))
+            running = session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.RUNNING))
         metrics.jobs_running.set(running or 0)
     except Exception:
         log.exception("could not count running jobs")
         metrics.jobs_running.set(float("nan"))
+    try:
+        with app.state.sessions() as session:
+            set_worker_gauges(metrics, registry(session))
+    except Exception:
+        log.exception("could not read the worker registry")
     cache = getattr(app.state, "model_cache", None)
     if cache is not None:
         metrics.model_cache_size.set(len(cache))
@@ -156,3 +173,20 @@ def scrape_values(app: Any) -> None:
             metrics.pixel_store_shards.set(usage["shards"])
         except Exception:
             log.exception("could not read the pixel store's usage")
+
+
+def set_worker_gauges(metrics: Metrics, workers: list[Any]) -> None:
+    """One series per worker still in the registry but stopped ones (the registry forgets them after a day)."""
+    for gauge in (metrics.worker_slots, metrics.worker_jobs, metrics.worker_heartbeat_age):
+        gauge.clear()
+    counts = dict.fromkeys(("running", "draining", "lost", "stopped"), 0)
+    for w in workers:
+        counts[w.state] += 1
+        if w.state == "stopped":
+            continue
+        labels = (w.id, w.host, w.state)
+        metrics.worker_slots.labels(*labels).set(w.slots)
+        metrics.worker_jobs.labels(*labels).set(len(w.jobs))
+        metrics.worker_heartbeat_age.labels(*labels).set(w.seconds_since_heartbeat)
+    for worker_state, count in counts.items():
+        metrics.workers.labels(worker_state).set(count)

@@ -138,6 +138,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         ]
     if "load" in results:
         lines += _load_lines(results["load"])
+    if "takeover" in results:
+        lines += takeover_lines(results["takeover"])
     if "scale" in results:
         lines += _scale_lines(results["scale"])
     seconds = results.get("seconds", {})
@@ -150,8 +152,9 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "- `python -m bench full|frozen|pipeline|service [--repeats N]`: one benchmark; its figures replace that",
         "  part of `bench/out/results.json` and the report is written again from all of it.",
         "- `python -m bench ... --data FOLDER`: the training and pipeline benchmarks on your own `train/` `val/` folder.",
-        "- `python -m bench.load`: the Load section; `python -m bench.scale`: the Scale section (about an hour and",
-        "  40 GB of disk); `bench/gpu.sh` on a CUDA machine: the GPU section.",
+        "- `python -m bench.load`: the Load section; `python -m bench.takeover`: the Takeover and drain section;",
+        "  `python -m bench.scale`: the Scale section (about an hour and 40 GB of disk); `bench/gpu.sh` on a CUDA",
+        "  machine: the GPU section.",
         "",
     ]
     gpu = results.get("gpu")
@@ -199,6 +202,49 @@ def _load_lines(r: dict[str, Any]) -> list[str]:
         f"Target: `/healthz` {_met(h['target'])}.",
         "",
     ]
+
+
+TAKEOVER_HEADING = "## Takeover and drain"
+
+
+def takeover_lines(r: dict[str, Any]) -> list[str]:
+    """The "Takeover and drain" section, from ``python -m bench.takeover`` (bench/takeover.py)."""
+    c = r["settings"]
+    return [
+        TAKEOVER_HEADING,
+        "",
+        f"`python -m bench.takeover`: the API and two workers on PostgreSQL and Redis (one machine, default settings: "
+        f"lease {c['lease_seconds']:g} s renewed every {c['heartbeat_seconds']:g} s, recovery every "
+        f"{c['recovery_interval_seconds']:g} s, drain timeout {c['drain_timeout_seconds']:g} s), a lenet job past its "
+        f"first checkpoint, {r['rounds']} rounds; seconds from the signal.",
+        "",
+        "| | seconds |",
+        "|---|---|",
+        f"| `kill -9` of the worker → the job's next attempt runs on the other worker | **{_s(r['takeover_seconds'])}** |",
+        f"| `SIGTERM` (drain) → the job is back in the queue | {_s(r['drain_requeued_seconds'])} |",
+        f"| `SIGTERM` → the drained worker has exited | {_s(r['drain_exit_seconds'])} |",
+        f"| `SIGTERM` → the job runs on the other worker | **{_s(r['drain_running_elsewhere_seconds'])}** |",
+        "",
+        "Target: takeover within 20 s " + ("**met**" if r["takeover_seconds"]["max"] < 20 else "not met") + ". "
+        "A takeover waits for the dead worker's lease to lapse (at most the lease after its last heartbeat), then "
+        "for the next recovery pass; a drain needs neither: the job stops at its next batch boundary and is "
+        "requeued at once.",
+        "",
+    ]
+
+
+def replace_section(text: str, section: list[str]) -> str:
+    """``text`` (a RESULTS.md) with its takeover section replaced, or inserted before "## Reproducing"."""
+    lines = text.splitlines()
+    block = [*section]
+    if TAKEOVER_HEADING in lines:
+        start = lines.index(TAKEOVER_HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = block
+    else:
+        at = lines.index("## Reproducing") if "## Reproducing" in lines else len(lines)
+        lines[at:at] = block
+    return "\n".join(lines) + "\n"
 
 
 def _scale_lines(r: dict[str, Any]) -> list[str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,11 +88,20 @@ def train(config: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: 
     return _run(config, Runtime.for_config(config, callbacks, should_stop), resume_from=None)
 
 
-def resume(run_dir: str | Path, callbacks: Sequence[Callback] = (), should_stop: StopFlag | None = None) -> RunResult:
-    """Continue a run from its ``last`` checkpoint (or from the start if it never saved one)."""
+def resume(
+    run_dir: str | Path,
+    callbacks: Sequence[Callback] = (),
+    should_stop: StopFlag | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> RunResult:
+    """Continue a run from its ``last`` checkpoint (or from the start if it never saved one).
+
+    ``overrides`` replaces settings of the recorded config that belong to the machine rather than to the run
+    (``data``, ``cache_dir``, ``weights_dir``, ``device``...): a run moved to another host, or to a shared
+    folder mounted elsewhere, resumes with that host's paths."""
     run_dir = Path(run_dir)
     info = read_json(run_dir / RUN_FILE)
-    config = TrainConfig.from_dict(info["config"]).validate()
+    config = TrainConfig.from_dict({**info["config"], **(overrides or {})}).validate()
     if Path(config.out).resolve() != run_dir.resolve():
         config.out = str(run_dir)
     rt = Runtime.for_config(config, callbacks, should_stop)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -16,6 +17,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -40,9 +42,30 @@ JSONType = JSON().with_variant(JSONB(), "postgresql")
 # 64-bit already.
 ByteCount = BigInteger().with_variant(Integer(), "sqlite")
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+class JobStatus(StrEnum):
+    """A job's status. Only ``app.jobs.state`` changes it, each time with a conditional UPDATE."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+JOB_STATUSES = tuple(s.value for s in JobStatus)
 DATASET_STATUSES = ("checking", "ready", "refused")
-FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
+FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+# The column stays VARCHAR(16) with its CHECK constraint (no native enum type: adding a status later is then
+# a constraint change, not an ALTER TYPE that PostgreSQL cannot run inside a transaction).
+JobStatusType = Enum(
+    JobStatus,
+    native_enum=False,
+    create_constraint=False,
+    length=16,
+    values_callable=lambda e: [m.value for m in e],
+    validate_strings=True,
+)
 
 
 def new_id() -> str:
@@ -145,7 +168,7 @@ class Job(Base):
     owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     # NULL once the dataset is deleted: the job's history and model stay, it just cannot be resumed.
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[JobStatus] = mapped_column(JobStatusType, default=JobStatus.QUEUED)
     config: Mapped[dict[str, Any]] = mapped_column()  # the engine's TrainConfig fields a user set
     arch: Mapped[str] = mapped_column(String(32))
     weights: Mapped[str] = mapped_column(String(16))
@@ -159,10 +182,17 @@ class Job(Base):
     total_epochs: Mapped[int] = mapped_column(Integer, default=0)
     eta_seconds: Mapped[float | None] = mapped_column(Float)
     images_per_sec: Mapped[float | None] = mapped_column(Float)
-    # Execution bookkeeping: which attempt holds the job; a stale attempt's writes are refused.
+    # Execution bookkeeping: which attempt holds the job; a stale attempt's writes are refused. The holder
+    # keeps a lease on the database's clock (lease_expires_at); once it lapses, any worker may take the job back.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
-    worker: Mapped[str | None] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(String(200))  # the holding worker's id (workers.id)
     heartbeat_at: Mapped[datetime | None] = mapped_column()
+    lease_expires_at: Mapped[datetime | None] = mapped_column()
+    # When a queue message was last sent for it: a queued job whose message is lost is sent another.
+    enqueued_at: Mapped[datetime | None] = mapped_column()
+    # Automatic retries after the process or its worker died (capped), and why the last one happened.
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    retry_reason: Mapped[str | None] = mapped_column(Text)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))
@@ -215,3 +245,22 @@ class Model(Base):
     run_key: Mapped[str] = mapped_column(String(200))
     size_bytes: Mapped[int] = mapped_column(ByteCount, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A worker process, registered at its start under a random id (host and pid only describe it: two
+    containers can both be ``PID 1`` on one host name). It renews its lease on the database's clock."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    slots: Mapped[int] = mapped_column(Integer)
+    devices: Mapped[list[Any]] = mapped_column()  # GPU ids its jobs are pinned to ([] on a CPU host)
+    weights: Mapped[list[Any]] = mapped_column()  # architectures whose ImageNet weights it holds
+    started_at: Mapped[datetime] = mapped_column()
+    heartbeat_at: Mapped[datetime] = mapped_column()
+    lease_expires_at: Mapped[datetime] = mapped_column(index=True)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    stopped_at: Mapped[datetime | None] = mapped_column()

@@ -4,10 +4,19 @@ It runs the engine for one job attempt and writes what the engine reports into t
 metrics as rows, coarse progress a few times a second, the final status and the model row. Every write is
 fenced on the attempt, so if this process is stale its writes are refused and it stops. It is the only
 process that touches CUDA; it dies with the worker that started it.
+
+It works in the data folder, and gives the engine paths relative to it: the run's files (run.json, the
+checkpoints' metadata) then name no host's mount point, and a run started on one host resumes on another
+that mounts the shared folder elsewhere. Host-local settings (this host's cache and weights folders) are
+passed again on every resume, never read back from the run.
+
+SIGUSR1 (its worker drains) stops it at the next batch boundary with exit code 75 and nothing recorded: the
+worker puts the job back in the queue, and it continues from its last checkpoint elsewhere.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -16,13 +25,14 @@ import signal
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete
 
 from app.db import session_scope
-from app.db.tables import Dataset, Job, JobMetric, Model
+from app.db.tables import Dataset, Job, JobMetric, JobStatus, Model
 from app.jobs import state
 from app.jobs.lifetime import die_with_parent
 from app.jobs.settings_env import settings_from_env
@@ -40,11 +50,17 @@ class Superseded(Exception):
     """This attempt no longer holds the job (it was recovered and claimed again)."""
 
 
-class JobReporter:
-    """Engine events -> database rows, throttled; also the engine's cancel flag."""
+EXIT_DRAINED = 75  # same as app.jobs.worker.EXIT_DRAINED (not imported: the worker module is not needed here)
 
-    def __init__(self, settings: Settings, job_id: str, attempt: int) -> None:
+
+class JobReporter:
+    """Engine events -> database rows, throttled; also the engine's stop flag (cancel, lost, or drain)."""
+
+    def __init__(
+        self, settings: Settings, job_id: str, attempt: int, publish: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
+        self.publish = publish or (lambda: None)  # the run folder to the object store (when there is one)
         self.url = settings.db_url
         self.job_id = job_id
         self.attempt = attempt
@@ -52,6 +68,11 @@ class JobReporter:
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._stop = False
+        self.draining = False
+
+    def drain(self) -> None:
+        """Stop at the next batch boundary because the worker drains (a signal handler: no I/O here)."""
+        self.draining = True
 
     def _update(self, **values: Any) -> None:
         with session_scope(self.url) as s:
@@ -59,11 +80,13 @@ class JobReporter:
                 self._stop = True
 
     def should_stop(self) -> bool:
+        if self.draining:
+            return True
         now = time.monotonic()
         if not self._stop and now - self._last_cancel_check >= 1.0:
             self._last_cancel_check = now
             with session_scope(self.url) as s:
-                self._stop = state.cancel_requested(s, self.job_id, self.attempt)
+                self._stop = state.should_stop(s, self.job_id, self.attempt)
         return self._stop
 
     def __call__(self, event: Event) -> None:
@@ -150,6 +173,9 @@ class JobReporter:
                 )
             )
 
+    def on_checkpoint_saved(self, e: Any) -> None:
+        self.publish()
+
     def on_oom_retry(self, e: Any) -> None:
         self._update(message=f"CUDA out of memory: now {e.accumulation_steps} micro-batches of {e.new_micro_batch}")
 
@@ -157,54 +183,69 @@ class JobReporter:
         self._update(message=f"early stopping at epoch {e.epoch}; best epoch {e.best_epoch}")
 
 
-def run(settings: Settings, job_id: str, attempt: int) -> int:
+def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | None = None) -> int:
     from finetune.train import resume, train
 
-    storage = Storage(settings.data_dir)
+    storage = Storage.from_settings(settings)
     with session_scope(settings.db_url) as s:
         job = s.get(Job, job_id)
-        if job is None or job.attempt != attempt or job.status != "running":
+        if job is None or job.attempt != attempt or job.status != JobStatus.RUNNING:
             log.info("job %s attempt %s is no longer ours; exiting", job_id, attempt)
             return 0
         dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
         job_config, run_key, owner_id = dict(job.config), job.run_key, job.owner_id
-    reporter = JobReporter(settings, job_id, attempt)
+    reporter = reporter or JobReporter(settings, job_id, attempt)
+    reporter.publish = lambda: storage.publish(run_key)
     run_dir = storage.path(run_key)
     try:
         if dataset is None:
             raise InputError("the job's dataset was deleted")
+        storage.fetch(dataset.storage_key, immutable=True)  # with object storage: this host's copy of it
+        storage.fetch(run_key)  # a run another host started (or continued) goes on from its last checkpoint
         split = TrainConfig(**job_config)  # the job's own seed and fractions, defaults included
-        config = TrainConfig(
-            **job_config,
+        here: dict[str, Any] = {
             # The uploaded folder itself (the engine finds the same root in it), so its names file is read.
-            data=str(dataset_images_folder(storage, dataset)),
+            "data": str(dataset_images_folder(storage, dataset).relative_to(storage.root)),
+            "cache_dir": _under(settings.cache_dir, storage.root),
+            "weights_dir": _under(settings.weights_dir, storage.root) if settings.weights_dir else None,
             # The images the upload's check accepted, in the split the dataset's page shows (or, for a job
             # asking for another seed or fractions, those images to split again).
-            split_file=str(split_file_for(storage, dataset, split.seed, split.val_fraction, split.test_fraction)),
-            out=str(run_dir),
-            cache_dir=str(settings.cache_dir),
-            cache_max_bytes=settings.cache_max_bytes,
-            weights_dir=str(settings.weights_dir) if settings.weights_dir else None,
-        )
-        if (run_dir / "run.json").exists():
-            result = resume(run_dir, [reporter], reporter.should_stop)
-        else:
-            _clear_unstarted(run_dir)
-            result = train(config, [reporter], reporter.should_stop)
+            "split_file": str(
+                split_file_for(storage, dataset, split.seed, split.val_fraction, split.test_fraction).relative_to(
+                    storage.root
+                )
+            ),
+            "cache_max_bytes": settings.cache_max_bytes,
+        }
+        out = str(run_dir.relative_to(storage.root))
+        # Paths relative to the data folder, the working directory meanwhile: see the module's docstring.
+        with contextlib.chdir(storage.root):
+            if (run_dir / "run.json").exists():
+                result = resume(out, [reporter], reporter.should_stop, overrides=here)
+            else:
+                _clear_unstarted(run_dir)
+                result = train(TrainConfig(**job_config, **here, out=out), [reporter], reporter.should_stop)
     except (Cancelled, Superseded):
+        _publish_quietly(storage, run_key)
+        if reporter.draining:
+            log.info("job %s attempt %s stopped for its worker's drain; the worker requeues it", job_id, attempt)
+            return EXIT_DRAINED
         with session_scope(settings.db_url) as s:
-            state.finish(s, job_id, attempt, "cancelled", message="cancelled")
+            state.cancelled(s, job_id, attempt)
         return 0
     except InputError as e:
+        _publish_quietly(storage, run_key)
         _fail(settings, job_id, attempt, str(e), getattr(e, "code", "bad_input"))
         return 0
     except Exception as e:
         log.exception("job %s failed", job_id)
+        _publish_quietly(storage, run_key)
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
         _fail(settings, job_id, attempt, _explain_failure(e, detail), "training_failed")
         return 1
+    storage.publish(run_key)  # the model's files are in the store before the model row says they exist
     with session_scope(settings.db_url) as s:
-        ok = state.finish(s, job_id, attempt, "succeeded", progress=1.0, message="finished")
+        ok = state.succeed(s, job_id, attempt, progress=1.0, message="finished")
         if ok:
             s.add(
                 Model(
@@ -221,6 +262,21 @@ def run(settings: Settings, job_id: str, attempt: int) -> int:
                 )
             )
     return 0
+
+
+def _publish_quietly(storage: Storage, run_key: str) -> None:
+    """On the way out after a stop or a failure: what was saved goes to the store if it can."""
+    try:
+        if storage.path(run_key).is_dir():
+            storage.publish(run_key)
+    except Exception:
+        log.exception("could not publish %s", run_key)
+
+
+def _under(path: Path, root: Path) -> str:
+    """``path`` relative to the data folder when it is inside it (one host's cache there); else this host's
+    own absolute path, which only this host uses: a resume passes its own again."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def _clear_unstarted(run_dir: Path) -> None:
@@ -247,7 +303,7 @@ def _explain_failure(e: Exception, detail: str) -> str:
 
 def _fail(settings: Settings, job_id: str, attempt: int, message: str, code: str) -> None:
     with session_scope(settings.db_url) as s:
-        state.finish(s, job_id, attempt, "failed", error=message, error_code=code, message="failed")
+        state.fail(s, job_id, attempt, message, code)
 
 
 def main(argv: list[str]) -> int:
@@ -257,9 +313,13 @@ def main(argv: list[str]) -> int:
     # (same machine, often the same container) keeps answering predictions and health checks while it runs.
     os.nice(10)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # SIGTERM from the worker (a cancel past its grace period) ends the run like a cancel would.
+    settings = settings_from_env()
+    reporter = JobReporter(settings, job_id, attempt)
+    # SIGTERM from the worker (a cancel past its grace period) ends the run like a cancel would; SIGUSR1 (the
+    # worker drains) stops it at the next batch boundary for another worker to continue.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    return run(settings_from_env(), job_id, attempt)
+    signal.signal(signal.SIGUSR1, lambda *_: reporter.drain())
+    return run(settings, job_id, attempt, reporter)
 
 
 if __name__ == "__main__":

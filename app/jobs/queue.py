@@ -2,19 +2,21 @@
 
 SqliteHuey (a file in the data folder) by default; PostgresHuey or RedisHuey when workers on several
 machines share one queue. A message for a job that is no longer ``queued`` is dropped when claimed, so
-enqueueing twice is harmless, and re-enqueueing every queued job at startup loses nothing.
+enqueueing twice is harmless; a queued job whose message was lost (a queue restarted without persistence,
+an enqueue that failed after the row was committed) is sent another by the workers' sweep.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
 
-from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey, crontab
+from huey import Huey, PostgresHuey, RedisHuey, SqliteHuey
 
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+RUN_JOB = "run_job"
 
 
 def make_huey(settings: Settings) -> Huey:
@@ -31,27 +33,24 @@ def make_huey(settings: Settings) -> Huey:
 
 
 class JobQueue:
-    """The huey instance with the service's two tasks registered on it.
+    """The huey instance with the service's task registered on it.
 
-    The API only enqueues; a worker process runs ``consumer()``. Both build this from the same settings,
-    so the task names match.
+    The API only enqueues; a worker passes ``runner``, the function that runs a job, and its consumer
+    threads take messages with ``huey.dequeue()``. Both build this from the same settings, so the task names
+    match. There is no periodic task: recovery runs on each worker's own thread (a periodic task would wait
+    in the queue behind hour-long jobs).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runner: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.huey = make_huey(settings)
-        self._run = self.huey.task(name="run_job", retries=0)(self._run_job)
-        self.huey.periodic_task(crontab(minute="*"), name="recover_stale_jobs")(self._recover)
+        self._runner = runner
+        self._run = self.huey.task(name=RUN_JOB, retries=0)(self._run_job)
 
     def _run_job(self, job_id: str) -> None:
-        from app.jobs.worker import execute_job  # imported in the worker only
-
-        execute_job(self.settings, job_id)
-
-    def _recover(self) -> None:
-        from app.jobs.recovery import recover_jobs
-
-        recover_jobs(self.settings, self, startup=False)
+        if self._runner is None:
+            raise RuntimeError("this queue only enqueues (it was built without a runner)")
+        self._runner(job_id)
 
     def enqueue(self, job_id: str) -> None:
         self._run(job_id)
@@ -60,6 +59,18 @@ class JobQueue:
         """Messages waiting in the queue (not yet picked up by a worker)."""
         return int(self.huey.pending_count())
 
+    def pending_job_ids(self, limit: int = 100_000) -> set[str]:
+        """The job ids of the messages waiting in the queue (messages of unknown tasks are skipped)."""
+        ids = set()
+        for raw in self.huey.storage.enqueued_items(limit):
+            try:
+                task = self.huey.deserialize_task(raw)
+            except Exception:
+                continue
+            if task.name == RUN_JOB and task.args:
+                ids.add(str(task.args[0]))
+        return ids
+
     def ping(self) -> bool:
         try:
             self.huey.pending_count()
@@ -67,17 +78,6 @@ class JobQueue:
         except Exception:
             log.exception("queue is not reachable")
             return False
-
-    def consumer(self, workers: int) -> Any:
-        return self.huey.create_consumer(
-            workers=workers,
-            worker_type="thread",
-            periodic=True,
-            check_worker_health=True,
-            initial_delay=0.1,
-            backoff=1.15,
-            max_delay=1.0,
-        )
 
     def close(self) -> None:
         try:

@@ -1,22 +1,25 @@
-"""Recovering jobs whose process died: never leave a job `running` with nobody running it.
+"""Taking jobs back: never leave a job `running` with nobody running it, nor `queued` with no message.
 
-A running job is lost when its heartbeat is stale, or, at a worker's startup, when it was held by a
-process on this host that no longer exists. A lost job with a checkpoint goes back to the queue and
-resumes from it; one without fails with the reason. Queued jobs are enqueued again at startup (claiming
-is idempotent), so a lost queue message never loses a job.
+Runs on every worker's housekeeping thread (every ``recovery_interval_seconds``), never in the queue behind
+training. Both parts are conditional updates, so several workers sweeping at once act once per job:
+
+- A running job whose holder's lease has lapsed (on the database's clock) goes back to the queue and
+  continues from its last checkpoint on any worker, or from the start when it had none; each time counts as
+  a retry, and past ``max_job_retries`` it fails with the reason. The lapsed holder, if it is alive after
+  all (cut off from the database), kills its child on its own when it cannot renew the lease.
+- A queued job whose last message went out more than ``lost_message_seconds`` ago and that has no message in
+  the queue is sent another: the row is the truth, the message only a doorbell.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from app.db import session_scope
-from app.db.tables import Job, utcnow
+from app.db.tables import Job, JobStatus
 from app.jobs import state
 from app.settings import Settings
 from app.storage import Storage
@@ -27,63 +30,68 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _holder_is_dead(worker: str | None) -> bool:
-    """True when the job's worker ran on this host and its process is gone. Called at startup, before this
-    process has claimed anything: a job held under our own identity was held by an earlier process that had
-    our pid (a restarted container's worker is PID 1 again)."""
-    if not worker or ":" not in worker:
-        return False
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    if int(pid) == os.getpid():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def recover_jobs(settings: Settings, queue: JobQueue, *, startup: bool) -> list[str]:
-    """Requeue or fail lost running jobs; at startup also re-enqueue queued jobs. Returns requeued ids."""
-    storage = Storage(settings.data_dir)
-    now = utcnow()
-    requeue: list[str] = []
+def recover_lost_jobs(settings: Settings, queue: JobQueue) -> list[str]:
+    """Requeue (or fail, past the retry cap) running jobs whose lease has lapsed; returns the requeued ids."""
+    storage = Storage.from_settings(settings)
+    requeued: list[str] = []
     with session_scope(settings.db_url) as s:
-        for job in s.scalars(select(Job).where(Job.status == "running")):
-            lost = state.is_stale(job, now, settings.stale_after_seconds) or (startup and _holder_is_dead(job.worker))
-            if not lost:
-                continue
-            if (storage.path(job.run_key) / "last").exists():
-                ok = state.fenced_update(
-                    s,
-                    job.id,
-                    job.attempt,
-                    status="queued",
-                    worker=None,
-                    message="resuming from the last checkpoint after the worker stopped",
+        lost = s.execute(
+            select(Job.id, Job.attempt, Job.run_key).where(Job.status == JobStatus.RUNNING, state.lease_expired())
+        ).all()
+        for job in lost:
+            start = (
+                "it continues from its last checkpoint"
+                if storage.exists(f"{job.run_key}/last")
+                else "it starts again (it had no checkpoint yet)"
+            )
+            reason = (
+                f"its worker stopped renewing its lease (the worker died, was killed or lost the database); {start}"
+            )
+            outcome = state.requeue(
+                s, job.id, job.attempt, reason, retry=True, max_retries=settings.max_job_retries, only_if_expired=True
+            )
+            if outcome is state.Requeued.REQUEUED:
+                requeued.append(job.id)
+                log.warning("job %s attempt %d: its worker's lease lapsed; back in the queue", job.id, job.attempt)
+            elif outcome is state.Requeued.FAILED:
+                log.warning(
+                    "job %s attempt %d: its worker's lease lapsed and no retry is left; failed", job.id, job.attempt
                 )
-                if ok:
-                    requeue.append(job.id)
-                    log.warning("job %s was running in a process that died; resuming it", job.id)
-            else:
-                state.finish(
-                    s,
-                    job.id,
-                    job.attempt,
-                    "failed",
-                    error_code="worker_lost",
-                    error="the process running this job stopped before its first checkpoint was saved; "
-                    "resume the job to start it again",
-                    message="failed",
-                )
-                log.warning("job %s was running in a process that died before any checkpoint; failed", job.id)
-        if startup:
-            queued = s.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.created_at)).all()
-            requeue.extend(j for j in queued if j not in requeue)
-    for job_id in requeue:
+    for job_id in requeued:
+        _enqueue(queue, job_id)
+    return requeued
+
+
+def resend_lost_messages(settings: Settings, queue: JobQueue) -> list[str]:
+    """Send a message for every queued job that has been waiting without one; returns their ids."""
+    grace = settings.lost_message_seconds
+    with session_scope(settings.db_url) as s:
+        waiting = s.scalars(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED, or_(Job.enqueued_at.is_(None), Job.enqueued_at < state.db_now(-grace))
+            )
+            .order_by(Job.created_at)
+        ).all()
+    if not waiting:
+        return []
+    pending = queue.pending_job_ids() if queue.depth() else set()
+    sent = []
+    for job_id in waiting:
+        if job_id in pending:
+            continue
+        with session_scope(settings.db_url) as s:
+            won = state.mark_enqueued(s, job_id, older_than=grace)
+        if won:
+            _enqueue(queue, job_id)
+            sent.append(job_id)
+    if sent:
+        log.warning("queued job(s) %s had no queue message; sent again", ", ".join(sent))
+    return sent
+
+
+def _enqueue(queue: JobQueue, job_id: str) -> None:
+    try:
         queue.enqueue(job_id)
-    return requeue
+    except Exception:  # the next sweep sends it
+        log.exception("could not enqueue job %s", job_id)

@@ -1,8 +1,17 @@
 """The worker: takes job ids from the queue and runs each job in its own child process.
 
-The worker process never imports torch and never touches CUDA: it claims a job, starts
-``python -m app.jobs.child`` pinned to one GPU slot, keeps the job's heartbeat, enforces cancel after a
-grace period, and records how the child ended if the child could not (killed, out of memory, crashed).
+The worker process never imports torch and never touches CUDA. It registers itself under a random id (host
+and pid only describe it), then runs:
+
+- one consumer thread per job slot: take a message, claim the job, start ``python -m app.jobs.child``
+  pinned to one GPU, renew the job's lease every heartbeat, stop the child when the job is cancelled or
+  lost, and record how the child ended if the child could not (killed, out of memory, crashed);
+- a housekeeping thread, never queued behind training: renews the worker's own lease, takes back jobs
+  whose holder's lease lapsed (a dead worker's, on any host) and re-sends queued jobs whose message was lost.
+
+SIGTERM (or SIGINT) drains: no more claims, each child stops at its next batch boundary (its last
+checkpoint is kept), its job goes back to the queue at once for another worker, and the process exits
+within ``drain_timeout_seconds`` (children still running then are killed, and their jobs requeued too).
 """
 
 from __future__ import annotations
@@ -12,22 +21,31 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, select
 
 from app.db import session_scope
-from app.db.tables import Job, utcnow
-from app.jobs import state
+from app.db.tables import Job, Worker
+from app.jobs import recovery, state
 from app.jobs.lifetime import PARENT_PID_ENV, die_with_parent
+from app.jobs.queue import JobQueue
 from app.jobs.settings_env import settings_to_env
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_slots: queue.Queue[str | None] | None = None
-_slots_lock = threading.Lock()
+EXIT_DRAINED = 75  # the child stopped at a batch boundary because its worker drains (EX_TEMPFAIL)
+DRAIN_SIGNAL = signal.SIGUSR1  # worker -> child: stop at the next batch boundary, the job will be requeued
+WEIGHTS_REFRESH_SECONDS = 60.0
+FORGET_WORKERS_AFTER_SECONDS = 24 * 3600.0  # registry rows of workers gone this long are deleted
 
 
 def gpu_ids() -> list[str]:
@@ -49,115 +67,298 @@ def slot_count(settings: Settings) -> int:
     return settings.worker_slots or max(1, len(gpu_ids()))
 
 
-def _take_slot(settings: Settings) -> str | None:
-    """One job per GPU: each running job holds one GPU id (None on a CPU machine)."""
-    global _slots
-    with _slots_lock:
-        if _slots is None:
-            _slots = queue.Queue()
-            gpus = gpu_ids()
-            for i in range(slot_count(settings)):
-                _slots.put(gpus[i % len(gpus)] if gpus else None)
-    return _slots.get()
+def usable_weights(settings: Settings) -> list[str]:
+    """Architectures whose ImageNet weights this host holds and a job may use (what the worker advertises)."""
+    from finetune import weights as engine_weights
+
+    usable = []
+    for s in engine_weights.status_all(settings.weights_dir, verify=True):  # hashes are remembered per file
+        if s.present and (s.verified is not False or s.accepted_unverified):
+            usable.append(s.arch)
+    return usable
 
 
-def _release_slot(slot: str | None) -> None:
-    assert _slots is not None
-    _slots.put(slot)
+@dataclass
+class ChildExit:
+    returncode: int
+    cancelled: bool = False  # a cancel was asked for (the child stopped, or was stopped after the grace)
+    drained: bool = False  # the worker drained: the child was asked to stop (or killed at the deadline)
+    lost: bool = False  # the job's lease was lost: killed so that no two attempts write one run folder
 
 
-def execute_job(settings: Settings, job_id: str) -> None:
-    """The huey task body: claim, run the child, record the outcome."""
-    with session_scope(settings.db_url) as s:
-        attempt = state.claim(s, job_id, state.worker_identity())
-    if attempt is None:
-        log.info("job %s is not queued any more (cancelled, or already taken); skipping", job_id)
-        return
-    slot = _take_slot(settings)
-    try:
-        returncode, cancelled = _run_child(settings, job_id, attempt, slot)
-        _record_exit(settings, job_id, attempt, returncode, cancelled)
-    finally:
-        _release_slot(slot)
+class JobWorker:
+    """One worker process: its identity, its slots, its children, its threads."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.id = uuid.uuid4().hex  # per process start: two containers that are both PID 1 differ here
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.devices = gpu_ids()
+        self.slots = settings.worker_slots or max(1, len(self.devices))
+        self.weights = usable_weights(settings)
+        self.queue = JobQueue(settings, runner=self.run_job)
+        self.draining = threading.Event()
+        self.drain_deadline = float("inf")
+        self._done = threading.Event()  # housekeeping stops
+        self._gpu = queue.Queue[str | None]()
+        for i in range(self.slots):
+            self._gpu.put(self.devices[i % len(self.devices)] if self.devices else None)
+        self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
 
-def _run_child(settings: Settings, job_id: str, attempt: int, slot: str | None) -> tuple[int, bool]:
-    env = {**os.environ, **settings_to_env(settings)}
-    if slot is not None:
-        env["CUDA_VISIBLE_DEVICES"] = slot
-    logs = settings.data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "app.jobs.child", job_id, str(attempt), str(os.getpid())]
-    with open(logs / f"job-{job_id}-{attempt}.log", "ab") as logfile:
-        proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
-        log.info("job %s attempt %s: started process %s", job_id, attempt, proc.pid)
-        return _supervise(settings, job_id, attempt, proc)
+    # -- life ---------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        with session_scope(self.settings.db_url) as s:
+            state.register_worker(
+                s,
+                self.settings.lease_seconds,
+                id=self.id,
+                host=self.host,
+                pid=self.pid,
+                slots=self.slots,
+                devices=self.devices,
+                weights=self.weights,
+                draining=False,
+            )
+        log.info(
+            "worker %s on %s (pid %d): %d job slot(s), devices %s, ImageNet weights for %s, queue %s",
+            self.id, self.host, self.pid, self.slots, self.devices or "cpu", self.weights or "none",
+            self.settings.queue_backend,
+        )  # fmt: skip
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: self.drain(signal.Signals(signum).name))
+        housekeeper = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+        housekeeper.start()
+        consumers = [threading.Thread(target=self._consume, name=f"slot-{i}", daemon=True) for i in range(self.slots)]
+        for t in consumers:
+            t.start()
+        while any(t.is_alive() for t in consumers):  # short joins: the main thread must stay free for signals
+            for t in consumers:
+                t.join(0.2)
+        self._done.set()
+        housekeeper.join(10)
+        with session_scope(self.settings.db_url) as s:
+            state.stop_worker(s, self.id)
+        self.queue.close()
+        log.info("worker %s stopped", self.id)
 
-
-def _supervise(settings: Settings, job_id: str, attempt: int, proc: subprocess.Popen[bytes]) -> tuple[int, bool]:
-    """Wait for the child; keep the heartbeat; stop it when cancelled or superseded."""
-    last_beat = 0.0
-    stop_since: float | None = None
-    cancelled = False
-    while True:
-        try:
-            return proc.wait(timeout=0.5), cancelled
-        except subprocess.TimeoutExpired:
-            pass
-        now = time.monotonic()
-        if now - last_beat >= settings.heartbeat_seconds:
-            last_beat = now
-            try:
-                with session_scope(settings.db_url) as s:
-                    held = state.fenced_update(s, job_id, attempt, heartbeat_at=utcnow())
-                    stop = (not held) or state.cancel_requested(s, job_id, attempt)
-            except Exception:  # a database hiccup must not kill the supervisor; try again next beat
-                log.exception("heartbeat for job %s failed", job_id)
-                continue
-            if stop and stop_since is None:
-                stop_since = now
-                cancelled = held
-        if stop_since is not None and now - stop_since > settings.cancel_grace_seconds:
-            log.warning("job %s did not stop within %ss; terminating it", job_id, settings.cancel_grace_seconds)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                return proc.wait(timeout=10), cancelled
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                return proc.wait(), cancelled
-
-
-def _record_exit(settings: Settings, job_id: str, attempt: int, returncode: int, cancelled: bool) -> None:
-    """If the child ended without recording an outcome (killed, crashed), record it now."""
-    with session_scope(settings.db_url) as s:
-        job = s.get(Job, job_id)
-        if job is None or job.attempt != attempt or job.status != "running":
-            return  # the child recorded its outcome (or the job moved on)
-        if cancelled or job.cancel_requested:
-            state.finish(s, job_id, attempt, "cancelled", message="cancelled")
+    def drain(self, why: str) -> None:
+        if self.draining.is_set():
             return
-        if returncode < 0:
-            sig = signal.Signals(-returncode).name
-            why = "killed by the system (out of memory?)" if sig == "SIGKILL" else f"killed by {sig}"
-            message = f"the training process was {why}; resume the job to continue from its last checkpoint"
-        else:
-            message = f"the training process exited with code {returncode} without a result (see its log)"
-        state.finish(s, job_id, attempt, "failed", error=message, error_code="process_died", message="failed")
+        self.drain_deadline = time.monotonic() + self.settings.drain_timeout_seconds
+        self.draining.set()
+        log.warning(
+            "%s: draining (no new jobs; running ones stop at their next batch and go back to the queue; "
+            "at most %.0fs)", why, self.settings.drain_timeout_seconds,
+        )  # fmt: skip
+        with self._lock:
+            children = list(self._children.values())
+        for proc in children:
+            _signal(proc, DRAIN_SIGNAL)
+
+    # -- taking jobs --------------------------------------------------------------------------------------
+    def _consume(self) -> None:
+        delay = 0.1
+        while not self.draining.is_set():
+            try:
+                task = self.queue.huey.dequeue()
+            except Exception:
+                log.exception("could not read the queue; trying again")
+                self.draining.wait(1.0)
+                continue
+            if task is None:
+                self.draining.wait(delay)
+                delay = min(delay * 1.5, 1.0)
+                continue
+            delay = 0.1
+            try:
+                self.queue.huey.execute(task)
+            except Exception:
+                log.exception("task %s failed", task)
+
+    def run_job(self, job_id: str) -> None:
+        """The ``run_job`` task: claim, run the child, record the outcome."""
+        if self.draining.is_set():  # taken just as the drain began: hand it back
+            self.queue.enqueue(job_id)
+            return
+        if not self._can_run(job_id):
+            return
+        with session_scope(self.settings.db_url) as s:
+            attempt = state.claim(s, job_id, self.id, self.settings.lease_seconds)
+        if attempt is None:
+            log.info("job %s is not queued any more (cancelled, or already taken); skipping", job_id)
+            return
+        slot = self._gpu.get()
+        try:
+            ended = self._run_child(job_id, attempt, slot)
+            self._record_exit(job_id, attempt, ended)
+        finally:
+            self._gpu.put(slot)
+
+    def _can_run(self, job_id: str) -> bool:
+        """A job needing ImageNet weights this host lacks is left queued, saying why: the sweep for queued jobs
+        without a message sends it again, and a worker that holds them takes it."""
+        with session_scope(self.settings.db_url) as s:
+            job = s.execute(select(Job.weights, Job.arch).where(Job.id == job_id)).first()
+            if job is None or job.weights != "imagenet" or job.arch in self.weights:
+                return True
+            state.set_waiting_message(
+                s, job_id, f"waiting for a worker that holds the ImageNet weights of {job.arch} ({self.host} has none)"
+            )
+        log.info("job %s needs the ImageNet weights of %s, which this host lacks; leaving it queued", job_id, job.arch)
+        return False
+
+    # -- one child ----------------------------------------------------------------------------------------
+    def _run_child(self, job_id: str, attempt: int, slot: str | None) -> ChildExit:
+        env = {**os.environ, **settings_to_env(self.settings)}
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        logs = self.settings.data_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "app.jobs.child", job_id, str(attempt), str(os.getpid())]
+        with open(logs / f"job-{job_id}-{attempt}.log", "ab") as logfile:
+            proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+            log.info("job %s attempt %s: started process %s", job_id, attempt, proc.pid)
+            with self._lock:
+                self._children[job_id] = proc
+            try:
+                if self.draining.is_set():  # the drain began while it started: it has its signal too
+                    _signal(proc, DRAIN_SIGNAL)
+                return self._supervise(job_id, attempt, proc)
+            finally:
+                with self._lock:
+                    self._children.pop(job_id, None)
+
+    def _supervise(self, job_id: str, attempt: int, proc: subprocess.Popen[bytes]) -> ChildExit:
+        """Wait for the child; renew the job's lease; stop the child when cancelled, lost or drained too long."""
+        s = self.settings
+        ended = ChildExit(0)
+        next_beat = 0.0
+        renewed = time.monotonic()  # when the last successful renewal was sent
+        stop_since: float | None = None
+        while True:
+            try:
+                ended.returncode = proc.wait(timeout=0.25)
+                return ended
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if self.draining.is_set():
+                ended.drained = True
+                if now > self.drain_deadline:
+                    log.warning("job %s did not stop before the drain deadline; killing it", job_id)
+                    proc.kill()
+            if now >= next_beat:
+                next_beat = now + s.heartbeat_seconds
+                lease = self._renew(job_id, attempt)
+                if lease is not None:
+                    renewed = now
+                    if not lease.held:
+                        log.warning("job %s attempt %d was taken back (its lease lapsed); killing it", job_id, attempt)
+                        ended.lost = True
+                        proc.kill()
+                    elif lease.cancel_requested and stop_since is None:
+                        stop_since, ended.cancelled = now, True
+            if now - renewed > s.lease_seconds and not ended.lost:
+                # The lease may have lapsed in the database: another worker may take the job. Stop writing.
+                log.error("could not renew the lease of job %s for %.0fs; killing it", job_id, now - renewed)
+                ended.lost = True
+                proc.kill()
+            if stop_since is not None and now - stop_since > s.cancel_grace_seconds:
+                log.warning("job %s did not stop within %ss; terminating it", job_id, s.cancel_grace_seconds)
+                _signal(proc, signal.SIGTERM)
+                try:
+                    ended.returncode = proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    ended.returncode = proc.wait()
+                return ended
+
+    def _renew(self, job_id: str, attempt: int) -> state.Lease | None:
+        try:
+            with session_scope(self.settings.db_url) as s:
+                return state.renew(s, job_id, attempt, self.settings.lease_seconds)
+        except Exception:  # a database hiccup must not kill the supervisor; try again next beat
+            log.exception("renewing the lease of job %s failed", job_id)
+            return None
+
+    def _record_exit(self, job_id: str, attempt: int, ended: ChildExit) -> None:
+        """Record how the child ended when the child could not. Every transition is conditional on this
+        attempt still holding the job: when the child recorded its outcome, nothing here changes anything."""
+        if ended.lost:
+            return
+        rc = ended.returncode
+        # A child still starting when the drain began dies of the drain signal itself (no handler yet): drained.
+        drained = ended.drained or self.draining.is_set()
+        requeued = False
+        with session_scope(self.settings.db_url) as s:
+            if drained and not ended.cancelled and (rc == EXIT_DRAINED or rc < 0):
+                why = f"its worker on {self.host} was shut down; it continues from its last checkpoint"
+                requeued = state.requeue(s, job_id, attempt, why, retry=False) is state.Requeued.REQUEUED
+            elif ended.cancelled:
+                state.cancelled(s, job_id, attempt)
+            elif rc < 0:
+                sig = signal.Signals(-rc).name
+                how = "killed by the system (out of memory?)" if sig == "SIGKILL" else f"killed by {sig}"
+                why = f"the training process was {how} on {self.host}; retrying from the last checkpoint"
+                outcome = state.requeue(s, job_id, attempt, why, retry=True, max_retries=self.settings.max_job_retries)
+                requeued = outcome is state.Requeued.REQUEUED
+            elif rc != 0:
+                message = f"the training process exited with code {rc} without a result (see its log)"
+                state.fail(s, job_id, attempt, message, "process_died")
+        if requeued:
+            log.warning("job %s went back to the queue (attempt %d ended with %s)", job_id, attempt, rc)
+            self._enqueue(job_id)
+
+    def _enqueue(self, job_id: str) -> None:
+        try:
+            self.queue.enqueue(job_id)
+        except Exception:  # the sweep for queued jobs without a message sends it later
+            log.exception("could not enqueue job %s", job_id)
+
+    # -- housekeeping -------------------------------------------------------------------------------------
+    def _housekeep(self) -> None:
+        s = self.settings
+        next_weights = time.monotonic() + WEIGHTS_REFRESH_SECONDS
+        next_sweep = 0.0  # lost messages: every half grace period (it reads the queue's pending messages)
+        while not self._done.is_set():
+            try:
+                if time.monotonic() >= next_weights:
+                    next_weights = time.monotonic() + WEIGHTS_REFRESH_SECONDS
+                    self.weights = usable_weights(s)
+                    self._forget_old_workers()
+                with session_scope(s.db_url) as session:
+                    state.renew_worker(
+                        session, self.id, s.lease_seconds, draining=self.draining.is_set(), weights=self.weights
+                    )
+                recovery.recover_lost_jobs(s, self.queue)
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + s.lost_message_seconds / 2
+                    recovery.resend_lost_messages(s, self.queue)
+            except Exception:
+                log.exception("housekeeping failed; trying again")
+            self._done.wait(s.recovery_interval_seconds)
+
+    def _forget_old_workers(self) -> None:
+        with session_scope(self.settings.db_url) as s:
+            s.execute(delete(Worker).where(Worker.heartbeat_at < state.db_now(-FORGET_WORKERS_AFTER_SECONDS)))
+
+
+def _signal(proc: subprocess.Popen[Any], sig: signal.Signals) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
 
 
 def run_worker(settings: Settings) -> None:
-    """The `worker` command: apply migrations, recover what a previous run left, consume the queue."""
+    """The `worker` command: apply migrations, register, consume the queue until drained."""
     from app.db.migrate import upgrade
-    from app.jobs.queue import JobQueue
-    from app.jobs.recovery import recover_jobs
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parent = os.environ.get(PARENT_PID_ENV)
-    if parent:  # started by `serve`: stop (gracefully) when serve goes, even if it is killed with -9
+    if parent:  # started by `serve`: drain when serve goes, even if it is killed with -9
         die_with_parent(int(parent), signal.SIGTERM)
     upgrade(settings.db_url)
-    jobs = JobQueue(settings)
-    recover_jobs(settings, jobs, startup=True)
-    slots = slot_count(settings)
-    log.info("worker %s: %d job slot(s), queue %s", state.worker_identity(), slots, settings.queue_backend)
-    jobs.consumer(workers=slots).run()
+    JobWorker(settings).run()

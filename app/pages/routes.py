@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from app.api.deps import SessionDep, SettingsDep, StorageDep
 from app.api.routes.jobs import job_out  # the job page seeds its charts with exactly the API's JSON
-from app.db.tables import FINISHED_STATUSES, Dataset, Job
+from app.db.tables import DATASET_STATUSES, FINISHED_STATUSES, Dataset, Job, JobStatus
 from app.domain_errors import NotFound
 from app.errors import error_body
 from app.pages.login import LoginRequired, PageUser
@@ -88,14 +88,8 @@ FIELD_LABELS = {
     "compile": "torch.compile",
 }
 STATUS_LABELS = {
-    "queued": "Queued",
-    "running": "Running",
-    "succeeded": "Succeeded",
-    "failed": "Failed",
-    "cancelled": "Cancelled",
-    "checking": "Checking",
-    "ready": "Ready",
-    "refused": "Refused",
+    **{status.value: status.value.capitalize() for status in JobStatus},
+    **{status: status.capitalize() for status in DATASET_STATUSES},
 }
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from app.db.clock import db_now
-from app.db.tables import Dataset, Job, User, new_id
+from app.db.tables import Dataset, Job, JobStatus, User, new_id
 from app.domain_errors import Conflict, NotFound
 from app.services.uploads import INCOMING_DIR, ReceivedUpload
 from app.settings import Settings
@@ -48,7 +48,7 @@ FILES_FILE = "files.jsonl"
 SPLITS_DIR = "splits"  # lists of the dataset's images for jobs that split them their own way
 THUMBNAILS_PER_CLASS = 4
 THUMBNAIL_SIZE = 160
-ACTIVE_JOB_STATUSES = ("queued", "running")
+ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 # The row's summary lists at most this many skipped files and duplicate groups (report.json has them all).
 SUMMARY_LIST_LIMIT = 200
 
@@ -194,6 +194,7 @@ def accept(session: Session, storage: Storage, dataset_id: str, checked: Checked
     full = {k: v for k, v in report.items() if k != "files"}
     (target / REPORT_FILE).write_text(json.dumps(full))
     checked.folder.rename(target / IMAGES_DIR)
+    storage.publish(dataset.storage_key)  # with object storage: to the bucket, this host keeping its copy
     dataset.num_images = report["num_images"]
     dataset.num_classes = len(report["classes"])
     dataset.classes = report["classes"]
@@ -295,8 +296,7 @@ def dataset_images_root(storage: Storage, dataset: Dataset) -> Path:
 
 def full_report(storage: Storage, dataset: Dataset) -> dict[str, Any]:
     """The whole report, file list included (in memory: for small datasets and old ones; see ``report_chunks``)."""
-    folder = storage.path(dataset.storage_key)
-    report: dict[str, Any] = json.loads((folder / REPORT_FILE).read_text())
+    report: dict[str, Any] = json.loads(storage.fetch_file(f"{dataset.storage_key}/{REPORT_FILE}").read_text())
     if "files" not in report:
         report["files"] = list(iter_files(storage, dataset))
     return report
@@ -304,19 +304,19 @@ def full_report(storage: Storage, dataset: Dataset) -> dict[str, Any]:
 
 def iter_files(storage: Storage, dataset: Dataset) -> Iterator[dict[str, str]]:
     """Every usable file of the dataset, in the report's order, read one line at a time."""
-    folder = storage.path(dataset.storage_key)
-    if not (folder / FILES_FILE).exists():  # a dataset stored before files.jsonl: the list is in the report
-        yield from json.loads((folder / REPORT_FILE).read_text()).get("files", [])
+    listed = storage.fetch_file(f"{dataset.storage_key}/{FILES_FILE}")  # (no such object: no local file)
+    if not listed.exists():  # a dataset stored before files.jsonl: the list is in the report
+        report = storage.fetch_file(f"{dataset.storage_key}/{REPORT_FILE}")
+        yield from json.loads(report.read_text()).get("files", [])
         return
-    with open(folder / FILES_FILE) as f:
+    with open(listed) as f:
         for line in f:
             yield json.loads(line)
 
 
 def report_chunks(storage: Storage, dataset: Dataset) -> Iterator[bytes]:
     """The full report as JSON, streamed: the summary, then the file list a line at a time."""
-    folder = storage.path(dataset.storage_key)
-    head = json.loads((folder / REPORT_FILE).read_text())
+    head = json.loads(storage.fetch_file(f"{dataset.storage_key}/{REPORT_FILE}").read_text())
     head.pop("files", None)
     opening = json.dumps(head)[:-1] + (', "files": [' if head else '"files": [')  # "{...," without its "}"
     yield opening.encode()
@@ -375,7 +375,8 @@ def thumbnail(storage: Storage, dataset: Dataset, index: int) -> bytes:
     stored = _stored_path(storage, dataset, index)
     if stored is None:
         raise NotFound("image", str(index))
-    img = open_image(dataset_images_root(storage, dataset) / stored)
+    path = dataset_images_root(storage, dataset) / stored
+    img = open_image(storage.fetch_file(path.relative_to(storage.root).as_posix()))
     img.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)

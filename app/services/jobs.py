@@ -9,12 +9,14 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.db.tables import FINISHED_STATUSES, Dataset, Job, JobMetric, Model, User, utcnow
+from app.db.tables import FINISHED_STATUSES, Dataset, Job, JobMetric, JobStatus, Model, User, Worker, new_id
 from app.domain_errors import Conflict, LimitReached, NotFound
+from app.jobs import state
 from app.settings import Settings
 from app.storage import Storage
 from finetune import weights as engine_weights
 from finetune.config import TrainConfig
+from finetune.errors import WeightsNotCachedError
 
 # Settings a user never chooses for a server-side job: where data and runs live, which device.
 SERVER_OWNED = {"data", "out", "cache_dir", "cache_max_bytes", "split_file", "weights_dir", "device"}
@@ -77,50 +79,79 @@ class JobCreate(JobHyperparameters):
 def validate_request(body: BaseModel, settings: Settings) -> TrainConfig:
     """The engine's TrainConfig for a request, checked by the engine; 422 listing every problem."""
     values = body.model_dump(exclude={"dataset_id"})
-    config = TrainConfig(**values, data="<dataset>", out="<run>").validate()
-    if config.weights == "imagenet":
+    return TrainConfig(**values, data="<dataset>", out="<run>").validate()
+
+
+def check_weights(session: Session, config: TrainConfig, settings: Settings) -> str | None:
+    """ImageNet weights are checked where the job will run: on the workers, which advertise the weights they
+    hold. Refused (422, the engine's message and command) when live workers exist and none holds them; with
+    no live worker, one host checks its own folder (the worker shares it), and several hosts accept the job:
+    it waits, and says so, until a worker with the weights takes it. Returns that waiting message, or None."""
+    if config.weights != "imagenet":
+        return None
+    live = session.execute(select(Worker.id, Worker.host, Worker.weights).where(state.worker_alive())).all()
+    if any(config.model in (w.weights or []) for w in live):
+        return None
+    if live:
+        hosts = ", ".join(sorted({w.host for w in live}))
+        raise WeightsNotCachedError(
+            f"no running worker holds the ImageNet weights of {config.model} (workers on: {hosts}): run "
+            f"`finetune weights fetch {config.model}` (or `finetune weights import {config.model} FILE`) on a "
+            "worker host; workers look for new weights every minute. Or use weights=none.",
+        )
+    if not settings.is_multi_host:
         # Refused now, with the engine's message and command, rather than failed later in the worker.
         engine_weights.cached_imagenet_path(config.model, settings.weights_dir)
-    return config
+        return None
+    return f"waiting for a worker that holds the ImageNet weights of {config.model}"
 
 
-def create_job(session: Session, owner: User, dataset: Dataset, config: TrainConfig) -> Job:
+def create_job(session: Session, owner: User, dataset: Dataset, config: TrainConfig, settings: Settings) -> Job:
+    """Add the queued job, unless the owner already has as many queued jobs as a user may (429). The cap
+    holds under concurrent submits: the count and the insert are one statement (see ``state.create``)."""
     if dataset.status != "ready":
         detail = "is still being checked" if dataset.status == "checking" else "was refused"
         raise Conflict(f"dataset {dataset.id} {detail}: train on a ready dataset", code="dataset_not_ready")
+    waiting = check_weights(session, config, settings)
+    job_id = new_id()
     stored = {k: v for k, v in config.to_dict().items() if k not in SERVER_OWNED}
-    job = Job(
-        owner_id=owner.id,
-        dataset_id=dataset.id,
-        status="queued",
-        config=stored,
-        arch=config.model,
-        weights=config.weights,
-        strategy=config.resolved_strategy(),
-        run_key="",
-        message="waiting in the queue",
-    )
-    session.add(job)
-    session.flush()
-    job.run_key = Storage.run_key(job.id)
+    values = {
+        "id": job_id,
+        "owner_id": owner.id,
+        "dataset_id": dataset.id,
+        "config": stored,
+        "arch": config.model,
+        "weights": config.weights,
+        "strategy": config.resolved_strategy(),
+        "run_key": Storage.run_key(job_id),
+        "message": waiting or "waiting in the queue",
+        "progress": 0.0,
+        "epoch": 0,
+        "total_epochs": 0,
+        "attempt": 0,
+        "retries": 0,
+        "cancel_requested": False,
+        "created_at": state.db_now(),
+        "updated_at": state.db_now(),
+    }
+    if not state.create(session, values, settings.max_queued_jobs_per_user):
+        raise _queue_full(session, owner.id, settings)
+    job = session.get(Job, job_id)
+    assert job is not None
     return job
 
 
-def check_queue_room(session: Session, owner_id: str, settings: Settings) -> None:
-    """``LimitReached`` when the user ``owner_id`` already has as many queued jobs as a user may (0: no cap)."""
+def _queue_full(session: Session, owner_id: str, settings: Settings) -> LimitReached:
     cap = settings.max_queued_jobs_per_user
-    if cap <= 0:
-        return
     queued = session.scalar(
-        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status == "queued")
+        select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status == JobStatus.QUEUED)
     )
-    if queued is not None and queued >= cap:
-        raise LimitReached(
-            f"{queued} jobs of this user are queued, the most allowed (max_queued_jobs_per_user = {cap}): "
-            "wait for some to start, or cancel some",
-            code="too_many_queued_jobs",
-            details={"queued": queued, "max_queued_jobs_per_user": cap},
-        )
+    return LimitReached(
+        f"{queued} jobs of this user are queued, the most allowed (max_queued_jobs_per_user = {cap}): "
+        "wait for some to start, or cancel some",
+        code="too_many_queued_jobs",
+        details={"queued": queued, "max_queued_jobs_per_user": cap},
+    )
 
 
 def get_owned(session: Session, owner: User, job_id: str) -> Job:
@@ -136,7 +167,7 @@ def list_owned(session: Session, owner: User, status: str | None = None) -> list
     if not owner.is_admin:
         query = query.where(Job.owner_id == owner.id)
     if status:
-        query = query.where(Job.status == status)
+        query = query.where(Job.status == JobStatus(status))
     return list(session.scalars(query))
 
 
@@ -155,44 +186,48 @@ def model_of(session: Session, job_id: str) -> Model | None:
     return session.scalars(select(Model).where(Model.job_id == job_id)).first()
 
 
-def cancel(session: Session, job: Job) -> None:
-    """Queued: cancelled at once. Running: the job process stops within a batch (the worker enforces it)."""
-    if job.status == "queued":
-        job.status, job.finished_at, job.message = "cancelled", utcnow(), "cancelled before it started"
-    elif job.status == "running":
-        job.cancel_requested = True
-        job.message = "cancelling..."
-    else:
+def cancel(session: Session, job: Job) -> Job:
+    """Queued: cancelled at once. Running: its process stops within a batch and records the cancel (the
+    worker enforces it). A job that ended meanwhile is a 409."""
+    outcome = state.request_cancel(session, job.id)
+    session.refresh(job)
+    if outcome is state.CancelOutcome.FINISHED:
         raise Conflict(f"job {job.id} is already {job.status}", code="not_cancellable")
-    session.flush()
+    return job
 
 
-def resume(session: Session, storage: Storage, job: Job) -> bool:
+def resume(session: Session, storage: Storage, job: Job, settings: Settings) -> bool:
     """Failed or cancelled -> queued again; it continues from its last checkpoint when there is one.
-    Returns whether a checkpoint will be resumed from."""
-    if job.status not in ("failed", "cancelled"):
-        raise Conflict(
-            f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}", code="not_resumable"
-        )
+    Returns whether a checkpoint will be resumed from. 409 when the job is not (or no longer) failed or
+    cancelled, 429 when its owner's queue is full."""
+    if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise _not_resumable(job)
     if job.dataset_id is None:
         raise Conflict(f"the dataset of job {job.id} was deleted; it cannot be resumed", code="dataset_deleted")
-    has_checkpoint = (storage.path(job.run_key) / "last").exists()
-    job.status, job.cancel_requested, job.error, job.error_code = "queued", False, None, None
-    job.finished_at, job.eta_seconds = None, None
-    job.message = (
-        "waiting in the queue (resumes from the last checkpoint)" if has_checkpoint else "waiting in the queue"
-    )
-    session.flush()
+    has_checkpoint = storage.exists(f"{job.run_key}/last")
+    message = "waiting in the queue (resumes from the last checkpoint)" if has_checkpoint else "waiting in the queue"
+    if not state.resume(session, job.id, job.owner_id, message, settings.max_queued_jobs_per_user):
+        session.refresh(job)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise _not_resumable(job)  # resumed or deleted by another request meanwhile
+        raise _queue_full(session, job.owner_id, settings)
+    session.refresh(job)
     return has_checkpoint
+
+
+def _not_resumable(job: Job) -> Conflict:
+    return Conflict(f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}", code="not_resumable")
 
 
 def delete(session: Session, job: Job) -> str | None:
     """Delete a finished job's row; returns the run folder to remove after commit (None when a model
-    still uses the files)."""
+    still uses the files). Conditional on its status, so a job resumed meanwhile is not deleted (409)."""
     if job.status not in FINISHED_STATUSES:
         raise Conflict(f"job {job.id} is {job.status}; cancel it first", code="job_active")
     keep_files = model_of(session, job.id) is not None
     key = job.run_key
-    session.delete(job)
-    session.flush()
+    if not state.delete_finished(session, job.id):
+        session.refresh(job)
+        raise Conflict(f"job {job.id} is {job.status}; cancel it first", code="job_active")
+    session.expunge(job)
     return None if keep_files else key

@@ -52,7 +52,7 @@ def unavailable(model_id: str) -> Conflict:
 def bundle_files(storage: Storage, model: Model) -> list[tuple[str, Path]]:
     """(name in the zip, file) for the download: the best checkpoint's weights and metadata, and the
     run's evaluation report."""
-    run_dir = storage.path(model.run_key)
+    run_dir = storage.fetch_once(model.run_key)
     try:
         ckpt = load_checkpoint(run_dir, "best")
     except CheckpointError:

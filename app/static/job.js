@@ -130,6 +130,12 @@ document.addEventListener("DOMContentLoaded", () => {
     } else {
       $("job-error").hidden = true;
     }
+    // A killed process or a lost worker is retried on its own; say so, with the reason.
+    $("job-retries").hidden = !job.retries;
+    if (job.retries) {
+      $("job-retries").firstChild.textContent = `Retried automatically ${job.retries} time(s); last: `;
+      $("job-retry-reason").textContent = job.retry_reason || "";
+    }
     $("cancel-button").hidden = !(job.status === "queued" || job.status === "running");
     $("cancel-button").disabled = !!job.cancel_requested;
     $("resume-button").hidden = !(job.status === "failed" || job.status === "cancelled");

@@ -89,6 +89,7 @@ def settings(tmp_path: Path, db_url: str) -> Settings:
         database_url=db_url,
         queue_backend="sqlite",
         heartbeat_seconds=0.5,
+        lease_seconds=6,  # a killed worker's job is taken back within seconds (the default is 12)
         progress_interval_seconds=0.1,
         cancel_grace_seconds=10,
         worker_slots=1,

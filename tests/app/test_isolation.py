@@ -85,6 +85,7 @@ LISTS = {"/api/v1/datasets": "datasets", "/api/v1/jobs": "jobs", "/api/v1/models
 NO_ROWS_OF_OTHERS = {
     ("POST", "/api/v1/datasets"): "an upload makes a dataset of the caller's own",
     ("GET", "/api/v1/weights"): "server-wide files, no user's rows",
+    ("GET", "/api/v1/workers"): "the worker registry: admins only (test_workers.py), no user's rows",
 }
 PAGES = ["/datasets/{dataset_id}", "/jobs/{job_id}", "/models/{model_id}"]
 

@@ -15,7 +15,7 @@ from sqlalchemy import update
 from app.db import session_scope
 from app.db.tables import Job
 from app.jobs.child import JobReporter
-from app.jobs.worker import execute_job
+from app.jobs.worker import JobWorker
 from app.settings import Settings
 from finetune.events import EpochEnd, RunStarted
 from tests.app.conftest import (
@@ -193,7 +193,11 @@ def test_cancel_a_queued_job_is_immediate_and_the_worker_skips_it(
     assert_error(client.post(f"{API}/{job['id']}/cancel"), 409, "not_cancellable")
 
     # the queue message is still there; the worker's task body drops it without running anything
-    execute_job(settings, job["id"])
+    worker = JobWorker(settings)
+    try:
+        worker.run_job(job["id"])
+    finally:
+        worker.queue.close()
     after = client.get(f"{API}/{job['id']}").json()
     assert after["status"] == "cancelled" and after["attempt"] == 0 and after["started_at"] is None
     assert not (settings.data_dir / "logs").exists() and not (settings.data_dir / "runs").exists()

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -22,15 +22,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
 from app.db import session_scope
-from app.db.tables import Job, JobMetric, utcnow
+from app.db.tables import Job, JobMetric
 from app.jobs.queue import JobQueue
-from app.jobs.recovery import recover_jobs
+from app.jobs.recovery import recover_lost_jobs, resend_lost_messages
+from app.jobs.state import db_now
 from app.settings import Settings
 from tests.app.conftest import (
     assert_error,
     dataset_files,
     drop_pg_database,
     fresh_pg_database,
+    iter_events,
     job_processes,
     metrics_held,
     read_events,
@@ -191,19 +193,42 @@ def test_cancel_a_running_job_then_resume_it_from_its_checkpoint(
     assert_continued_from_checkpoint(settings, done, checkpoint, LONG)
 
 
+def assert_retried(job: dict, why: str) -> None:
+    assert job["retries"] == 1 and why in job["retry_reason"], job
+
+
 @sqlite_only
-def test_a_killed_job_process_fails_the_job_which_can_be_resumed(
+def test_a_killed_job_process_is_retried_from_its_checkpoint(
     client: TestClient, dataset: dict, settings: Settings, worker: subprocess.Popen[bytes]
 ) -> None:
+    """kill -9 of the training process (what the out-of-memory killer does): the job goes back to the queue at
+    once and continues from its last checkpoint, the reason recorded."""
+    job = create(client, dataset, epochs=LONG)
+    wait_for_checkpoint(client, settings, job["id"])
+    (pid,) = job_processes(job["id"])
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: pid not in job_processes(job["id"]), 10, "the job process to die")
+    checkpoint = last_checkpoint_epoch(settings, job["id"])  # attempt 2 needs seconds to start: still attempt 1's
+    assert checkpoint is not None
+    done = wait_for_job(client, job["id"], FINISHED)
+    assert worker.poll() is None  # the worker lives on
+    assert_continued_from_checkpoint(settings, done, checkpoint, LONG)
+    assert_retried(done, "killed by the system (out of memory?)")
+
+
+@sqlite_only
+def test_past_the_retry_cap_a_killed_job_process_fails_the_job_which_can_be_resumed(
+    client: TestClient, dataset: dict, settings: Settings, start_worker: Callable[[], subprocess.Popen[bytes]]
+) -> None:
+    settings.max_job_retries = 0
+    start_worker()
     job = create(client, dataset, epochs=LONG)
     wait_for_checkpoint(client, settings, job["id"])
     (pid,) = job_processes(job["id"])
     os.kill(pid, signal.SIGKILL)
     failed = wait_for_job(client, job["id"], FINISHED, timeout=30)
-    assert failed["status"] == "failed", failed
-    assert failed["error_code"] == "process_died"
-    assert "killed" in failed["error"] and "resume" in failed["error"]
-    assert worker.poll() is None  # the worker lives on
+    assert failed["status"] == "failed" and failed["error_code"] == "retries_exhausted", failed
+    assert "killed by the system (out of memory?)" in failed["error"] and "no retry left" in failed["error"]
     checkpoint = last_checkpoint_epoch(settings, job["id"])
     assert checkpoint is not None
 
@@ -213,40 +238,39 @@ def test_a_killed_job_process_fails_the_job_which_can_be_resumed(
 
 
 @sqlite_only
-def test_the_event_stream_of_a_resumed_job_drops_the_dead_attempts_epochs(
+def test_the_event_stream_of_a_retried_job_drops_the_dead_attempts_epochs(
     client: TestClient, dataset: dict, settings: Settings, worker: subprocess.Popen[bytes]
 ) -> None:
-    """A two-stage job killed in its head stage (whose checkpoint is written when the stage ends) starts over
-    when resumed. Its event stream begins with the dead attempt's epochs, as the page showed them, then tells
-    the client to drop them; the client ends holding exactly the job's history, all of it from attempt 2."""
+    """A two-stage job killed in its head stage (whose checkpoint is written when the stage ends) is retried
+    from the start. A client reading its event stream across the kill holds the dead attempt's epochs, then is
+    told to drop them; it ends holding exactly the job's history, all of it from attempt 2."""
     r = client.post(
         API, json={"dataset_id": dataset["id"], **TINY, "strategy": "two-stage", "head_epochs": 200, "epochs": 1}
     )
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
-    wait_until(lambda: metric_attempts(settings, job_id), 90, "the first head epoch", interval=0.01)
-    (pid,) = job_processes(job_id)
-    os.kill(pid, signal.SIGKILL)
-    failed = wait_for_job(client, job_id, FINISHED, timeout=30)
-    assert failed["status"] == "failed", failed
-    assert last_checkpoint_epoch(settings, job_id) is None, "the head stage ended before the kill"
-    dead = failed["metrics"]
-    assert dead and {m["attempt"] for m in dead} == {1}
-
-    assert client.post(f"{API}/{job_id}/resume").status_code == 202
-    events = read_events(client, job_id)
+    events: list[tuple[str, dict]] = []
+    dead: list[dict] = []
+    with client.stream("GET", f"{API}/{job_id}/events") as stream:
+        for event in iter_events(stream):
+            events.append(event)
+            if not dead and metrics_held(events):
+                dead = metrics_held(events)
+                assert {m["attempt"] for m in dead} == {1}
+                (pid,) = job_processes(job_id)
+                os.kill(pid, signal.SIGKILL)  # as the OOM killer would
     done = client.get(f"{API}/{job_id}").json()
-    assert done["status"] == "succeeded" and done["attempt"] == 2, done
+    assert done["status"] == "succeeded" and done["attempt"] == 2 and done["retries"] == 1, done
+    assert last_checkpoint_epoch(settings, job_id) is not None
     assert [m["epoch"] for m in done["metrics"]] == list(range(1, 202))
     assert {m["attempt"] for m in done["metrics"]} == {2}
     resets = [data for kind, data in events if kind == "reset"]
-    assert resets[0]["metrics"] == dead  # where the page was when the stream started
     assert len(resets) >= 2 and all(m["attempt"] == 2 for reset in resets[1:] for m in reset["metrics"]), resets
     assert metrics_held(events) == done["metrics"]
 
 
 @sqlite_only
-def test_a_killed_worker_takes_its_job_process_along_and_a_new_worker_resumes_the_job(
+def test_a_killed_worker_takes_its_job_process_along_and_another_worker_resumes_the_job(
     client: TestClient, dataset: dict, settings: Settings, start_worker: Callable[[], subprocess.Popen[bytes]]
 ) -> None:
     first = start_worker()
@@ -258,15 +282,15 @@ def test_a_killed_worker_takes_its_job_process_along_and_a_new_worker_resumes_th
     wait_gone(job["id"], timeout=10)  # PR_SET_PDEATHSIG: the job process died with its worker
     checkpoint = last_checkpoint_epoch(settings, job["id"])
     assert checkpoint is not None
-    assert client.get(f"{API}/{job['id']}").json()["status"] == "running"  # nobody could record anything
 
-    start_worker()
+    start_worker()  # takes the job back once the dead worker's lease has lapsed
     done = wait_for_job(client, job["id"], FINISHED)
     assert_continued_from_checkpoint(settings, done, checkpoint, LONG)
+    assert_retried(done, "stopped renewing its lease")
 
 
 @sqlite_only
-def test_a_killed_worker_before_the_first_checkpoint_fails_the_job_on_restart(
+def test_a_killed_worker_before_the_first_checkpoint_has_its_job_started_again(
     client: TestClient, dataset: dict, settings: Settings, start_worker: Callable[[], subprocess.Popen[bytes]]
 ) -> None:
     first = start_worker()
@@ -278,15 +302,10 @@ def test_a_killed_worker_before_the_first_checkpoint_fails_the_job_on_restart(
     assert last_checkpoint_epoch(settings, job["id"]) is None, "the job saved a checkpoint before it was killed"
 
     start_worker()
-    failed = wait_for_job(client, job["id"], FINISHED, timeout=60)
-    assert failed["status"] == "failed", failed
-    assert failed["error_code"] == "worker_lost"
-    assert "stopped before its first checkpoint" in failed["error"] and "resume" in failed["error"]
-
-    assert client.post(f"{API}/{job['id']}/resume").status_code == 202
-    done = wait_for_job(client, job["id"], FINISHED)
+    done = wait_for_job(client, job["id"], FINISHED, timeout=90)
     assert done["status"] == "succeeded" and done["attempt"] == 2, done
     assert [m["epoch"] for m in done["metrics"]] == [1, 2]
+    assert_retried(done, "stopped renewing its lease")
 
 
 @sqlite_only
@@ -360,13 +379,22 @@ def test_stopping_serve_stops_its_worker(settings: Settings, tmp_path: Path, sig
 # -- recovery, without a worker (both databases) -----------------------------------------------------------
 
 
-def hold(settings: Settings, job_id: str, worker: str, heartbeat: datetime) -> None:
-    """Make a job look claimed by ``worker`` (attempt 1), last heard of at ``heartbeat``."""
+def hold(settings: Settings, job_id: str, worker: str, lease_left: float, retries: int = 0) -> None:
+    """Make a job look claimed by ``worker`` (attempt 1), its lease ending ``lease_left`` seconds from now on
+    the database's clock (negative: lapsed)."""
     with session_scope(settings.db_url) as s:
         s.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(status="running", attempt=1, worker=worker, heartbeat_at=heartbeat, started_at=heartbeat)
+            .values(
+                status="running",
+                attempt=1,
+                worker=worker,
+                heartbeat_at=db_now(),
+                started_at=db_now(),
+                lease_expires_at=db_now(lease_left),
+                retries=retries,
+            )
         )
 
 
@@ -376,67 +404,64 @@ def give_checkpoint(settings: Settings, job_id: str) -> None:
     (run_dir(settings, job_id) / "last").symlink_to("checkpoints/epoch-0001")
 
 
-def recover(settings: Settings, *, startup: bool) -> tuple[list[str], int]:
-    """Run the recovery as a worker does; returns (requeued ids, messages it added to the queue)."""
+def in_queue(settings: Settings, action: Callable[[JobQueue], list[str]]) -> tuple[list[str], set[str]]:
+    """Run ``action`` as a worker's housekeeping does; returns (its answer, the job ids now in the queue)."""
     queue = JobQueue(settings)
     try:
-        before = queue.depth()
-        requeued = recover_jobs(settings, queue, startup=startup)
-        return requeued, queue.depth() - before
+        return action(queue), queue.pending_job_ids()
     finally:
         queue.close()
 
 
-def test_recovery_of_jobs_whose_heartbeat_stopped(client: TestClient, dataset: dict, settings: Settings) -> None:
-    """The periodic check: a running job without a heartbeat for stale_after_seconds is lost; with a checkpoint
-    it is queued again to resume, without one it fails with the reason. A live job is left alone."""
-    with_checkpoint, without, alive = (create(client, dataset, epochs=2) for _ in range(3))
-    stale = utcnow() - timedelta(seconds=settings.stale_after_seconds + 30)
-    hold(settings, with_checkpoint["id"], "elsewhere:1", stale)
-    hold(settings, without["id"], "elsewhere:2", stale)
-    hold(settings, alive["id"], "elsewhere:3", utcnow())
-    give_checkpoint(settings, with_checkpoint["id"])
+def test_recovery_takes_back_jobs_whose_lease_lapsed(client: TestClient, dataset: dict, settings: Settings) -> None:
+    """A running job whose lease lapsed (on the database's clock) goes back to the queue: from its checkpoint,
+    or from the start without one; each time is a retry, and past the cap it fails with the reason. A job
+    whose lease still runs is left alone, whoever holds it."""
+    with_checkpoint, without, alive, exhausted = (create(client, dataset, epochs=2)["id"] for _ in range(4))
+    JobQueue(settings).huey.flush()
+    hold(settings, with_checkpoint, "a-dead-worker", -1)
+    hold(settings, without, "a-dead-worker", -1)
+    hold(settings, alive, "a-live-worker", 30)
+    hold(settings, exhausted, "a-dead-worker", -1, retries=settings.max_job_retries)
+    give_checkpoint(settings, with_checkpoint)
 
-    assert recover(settings, startup=False) == ([with_checkpoint["id"]], 1)
+    requeued, pending = in_queue(settings, lambda q: recover_lost_jobs(settings, q))
+    assert sorted(requeued) == sorted([with_checkpoint, without]) and pending == set(requeued)
 
-    a = client.get(f"{API}/{with_checkpoint['id']}").json()
-    assert a["status"] == "queued" and a["attempt"] == 1 and "checkpoint" in a["message"]
-    b = client.get(f"{API}/{without['id']}").json()
-    assert b["status"] == "failed" and b["error_code"] == "worker_lost" and b["finished_at"]
-    assert "before its first checkpoint" in b["error"]
-    assert client.get(f"{API}/{alive['id']}").json()["status"] == "running"
+    a = client.get(f"{API}/{with_checkpoint}").json()
+    assert a["status"] == "queued" and a["attempt"] == 1 and a["retries"] == 1
+    assert "lease" in a["retry_reason"] and "continues from its last checkpoint" in a["message"]
+    b = client.get(f"{API}/{without}").json()
+    assert b["status"] == "queued" and b["retries"] == 1 and "starts again" in b["message"]
+    assert client.get(f"{API}/{alive}").json()["status"] == "running"
+    c = client.get(f"{API}/{exhausted}").json()
+    assert c["status"] == "failed" and c["error_code"] == "retries_exhausted" and "lease" in c["error"]
+
+    assert in_queue(settings, lambda q: recover_lost_jobs(settings, q))[0] == []  # nothing twice
 
 
-def test_recovery_at_worker_startup(client: TestClient, dataset: dict, settings: Settings) -> None:
-    """At startup a worker also takes back jobs whose worker process on this host is gone (without waiting
-    for the heartbeat to go stale) and enqueues every queued job again."""
-    host = socket.gethostname()
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    alive = subprocess.Popen(["sleep", "60"])
-    try:
-        jobs = [create(client, dataset, epochs=2) for _ in range(5)]
-        dead_holder, same_pid_holder, live_holder, other_host, queued = (j["id"] for j in jobs)
-        now = utcnow()
-        hold(settings, dead_holder, f"{host}:{dead.pid}", now)
-        give_checkpoint(settings, dead_holder)
-        # held under this very pid: by an earlier process that had it (a restarted container's PID 1)
-        hold(settings, same_pid_holder, f"{host}:{os.getpid()}", now)
-        hold(settings, live_holder, f"{host}:{alive.pid}", now)
-        hold(settings, other_host, "another-host:1", now)
+def test_queued_jobs_whose_message_was_lost_are_sent_again(
+    client: TestClient, dataset: dict, settings: Settings
+) -> None:
+    """The row is the truth and the message a doorbell: a queued job without a message (a queue restarted
+    without persistence, an enqueue that failed after the commit) is sent one once it has waited
+    lost_message_seconds; a job with a message, or enqueued just now, is not sent another."""
+    lost, with_message, recent = (create(client, dataset, epochs=2)["id"] for _ in range(3))
+    queue = JobQueue(settings)
+    queue.huey.flush()  # every message lost
+    queue.enqueue(with_message)
+    queue.close()
+    with session_scope(settings.db_url) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id.in_([lost, with_message]))
+            .values(enqueued_at=db_now(-settings.lost_message_seconds - 1))
+        )
 
-        assert recover(settings, startup=True) == ([dead_holder, queued], 2)
-    finally:
-        alive.kill()
-        alive.wait()
-
-    status = {j["id"]: client.get(f"{API}/{j['id']}").json() for j in jobs}
-    assert status[dead_holder]["status"] == "queued"
-    assert status[same_pid_holder]["status"] == "failed"
-    assert status[same_pid_holder]["error_code"] == "worker_lost"
-    assert status[live_holder]["status"] == "running"
-    assert status[other_host]["status"] == "running"
-    assert status[queued]["status"] == "queued"
+    sent, pending = in_queue(settings, lambda q: resend_lost_messages(settings, q))
+    assert sent == [lost] and pending == {lost, with_message}
+    assert in_queue(settings, lambda q: resend_lost_messages(settings, q))[0] == []  # it has one now
+    assert recent not in pending  # its message may still be on its way (the API commits, then enqueues)
 
 
 # -- the queue backends -----------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
@@ -10,8 +13,9 @@ from sqlalchemy import inspect, select
 from app.db import engine_for, session_scope
 from app.db.migrate import alembic_config, downgrade, upgrade
 from app.db.tables import Base, Dataset, Model, User
+from tests.app.conftest import drop_pg_database, fresh_pg_database
 
-TABLES = {"users", "api_keys", "web_sessions", "login_tokens", "datasets", "jobs", "job_metrics", "models"}
+TABLES = {"users", "api_keys", "web_sessions", "login_tokens", "datasets", "jobs", "job_metrics", "models", "workers"}
 
 
 def head_revision(url: str) -> str:
@@ -98,3 +102,32 @@ def test_byte_counts_beyond_2_gib_fit(db_url: str) -> None:
     with session_scope(db_url) as s:
         assert s.scalars(select(Dataset.size_bytes)).one() == big
         assert s.scalars(select(Model.size_bytes)).one() == big
+
+
+@pytest.mark.postgres
+def test_hosts_migrating_at_once_take_turns(pg_server: str) -> None:
+    """Several hosts start together on an empty PostgreSQL database, each running the migrations: the advisory
+    lock makes them take turns, and none fails (unlocked, they raced to create the same tables)."""
+    url, name = fresh_pg_database(pg_server)
+    try:
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(4)
+
+        def migrate() -> None:
+            barrier.wait()
+            try:
+                upgrade(url)
+            except BaseException as e:  # collected for the assertion
+                errors.append(e)
+
+        threads = [threading.Thread(target=migrate) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert errors == []
+        assert current_revision(url) == head_revision(url)
+        assert table_names(url) == TABLES
+    finally:
+        engine_for(url).dispose()
+        drop_pg_database(pg_server, name)

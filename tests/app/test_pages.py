@@ -177,7 +177,18 @@ def test_job_page_for_a_queued_job(client: TestClient, world: dict[str, Any]) ->
     assert f'<script src="{CHART_JS_URL}" defer></script>' in html
     assert "/static/job.js" in html and 'id="job-data"' in html
     assert "Metrics appear here after each epoch" in html
+    assert re.search(r'<p class="small muted" id="job-retries" hidden>', html)  # never retried: nothing said
     assert_escaped(html)
+
+
+def test_job_page_says_when_a_job_was_retried(client: TestClient, world: dict[str, Any]) -> None:
+    job_id = world["job"]["id"]
+    with client.app.state.sessions.begin() as s:  # type: ignore[attr-defined]
+        job = s.get(Job, job_id)
+        job.retries, job.retry_reason = 1, "the training process was <killed> by the system (out of memory?)"
+    html = page(client, f"/jobs/{job_id}")
+    assert re.search(r'<p class="small muted" id="job-retries">Retried automatically 1 time', html)
+    assert "the training process was &lt;killed&gt; by the system (out of memory?)" in html
 
 
 def test_job_page_for_a_failed_job_with_metrics(client: TestClient, world: dict[str, Any]) -> None:

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from app.api.types import UtcDateTime
-from app.db.tables import FINISHED_STATUSES, JOB_STATUSES, Job, JobMetric
+from app.db.tables import FINISHED_STATUSES, JOB_STATUSES, Job, JobMetric, JobStatus
 from app.services import datasets as dataset_svc
 from app.services import jobs as svc
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 SSE_POLL_SECONDS = 0.5
@@ -41,7 +43,7 @@ class MetricOut(BaseModel):
 class JobOut(BaseModel):
     id: str
     dataset_id: str | None
-    status: str
+    status: JobStatus
     model: str
     weights: str
     strategy: str
@@ -54,6 +56,8 @@ class JobOut(BaseModel):
     eta_seconds: float | None
     images_per_sec: float | None
     attempt: int
+    retries: int = Field(description="automatic retries after its process or worker died (capped)")
+    retry_reason: str | None = Field(description="why the last automatic retry happened")
     error: str | None
     error_code: str | None
     cancel_requested: bool
@@ -100,6 +104,8 @@ def job_out(job: Job, metrics: list[JobMetric] | None = None, model_id: str | No
         eta_seconds=job.eta_seconds,
         images_per_sec=job.images_per_sec,
         attempt=job.attempt,
+        retries=job.retries,
+        retry_reason=job.retry_reason,
         error=job.error,
         error_code=job.error_code,
         split=job.data_split,
@@ -131,11 +137,19 @@ def create_job(
 ) -> JobOut:
     dataset = dataset_svc.get_owned(session, user, body.dataset_id)
     config = svc.validate_request(body, settings)
-    svc.check_queue_room(session, user.id, settings)
-    job = svc.create_job(session, user, dataset, config)
+    job = svc.create_job(session, user, dataset, config, settings)
     session.commit()  # the row is the truth: it exists before the queue hears of it
-    request.app.state.queue.enqueue(job.id)
+    _enqueue(request, job.id)
     return job_out(job)
+
+
+def _enqueue(request: Request, job_id: str) -> None:
+    """Ring the queue's doorbell. The job is committed already: if the queue cannot be reached, the workers'
+    sweep for queued jobs without a message sends one later, so the client still gets its 202."""
+    try:
+        request.app.state.queue.enqueue(job_id)
+    except Exception:
+        log.exception("could not enqueue job %s; a worker will send its message later", job_id)
 
 
 @router.get("", summary="List jobs")
@@ -158,8 +172,7 @@ def get_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobOut:
 
 @router.post("/{job_id}/cancel", summary="Cancel a queued or running job")
 def cancel_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobOut:
-    job = svc.get_owned(session, user, job_id)
-    svc.cancel(session, job)
+    job = svc.cancel(session, svc.get_owned(session, user, job_id))
     session.commit()  # before the answer: the session dependency would commit only after it is sent
     return job_out(job)
 
@@ -169,11 +182,9 @@ def resume_job(
     job_id: str, request: Request, session: SessionDep, settings: SettingsDep, storage: StorageDep, user: CurrentUser
 ) -> JobOut:
     job = svc.get_owned(session, user, job_id)
-    if job.status in ("failed", "cancelled"):  # anything else is refused by resume() with its own 409
-        svc.check_queue_room(session, job.owner_id, settings)  # the job's owner: an admin may resume it
-    svc.resume(session, storage, job)
+    svc.resume(session, storage, job, settings)  # the job's owner's cap: an admin may resume it
     session.commit()
-    request.app.state.queue.enqueue(job.id)
+    _enqueue(request, job.id)
     return job_out(job)
 
 

@@ -91,7 +91,10 @@ async def predict(
     run_key = await run_in_threadpool(lookup)
     images = await bodies.read_images(request, settings.max_predict_bytes, settings.max_predict_images)
     try:
-        loaded = await cache.get(model_id, storage.path(run_key))
+        folder = (
+            storage.path(run_key) if storage.store is None else await run_in_threadpool(storage.fetch_once, run_key)
+        )
+        loaded = await cache.get(model_id, folder)
     except CheckpointError:
         raise svc.unavailable(model_id) from None
     predictor = loaded.predictor
