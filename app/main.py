@@ -15,6 +15,7 @@ from app.jobs.queue import JobQueue
 from app.observability import Metrics, MetricsMiddleware
 from app.pages import routes as pages
 from app.security import check_dependencies
+from app.services.keycache import PredictLookups
 from app.services.ratelimit import RateLimits
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
@@ -47,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.storage = Storage(settings.data_dir)
     app.state.queue = JobQueue(settings)
     app.state.rate_limits = RateLimits.from_settings(settings)
+    app.state.predict_lookups = PredictLookups()
     app.state.metrics = metrics = Metrics()
     app.state.model_cache = ModelCache(
         settings.model_cache_size,
@@ -55,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_pixels=settings.max_image_pixels,
         on_batch=metrics.observe_batch,
         on_load=metrics.model_loads.inc,
+        runtime=settings.predict_runtime,
+        try_compile=settings.predict_compile,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)

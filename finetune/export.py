@@ -438,7 +438,22 @@ class ExportResult:
         return dict(self.record.get("parity") or {})
 
 
+_hashes: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: Path) -> str:
+    """The file's SHA-256, remembered per (path, size, modification time): checkpoints are immutable, and
+    the model page asks for the current checkpoint's identity on every view."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _hashes:
+        if len(_hashes) > 4096:
+            _hashes.clear()
+        _hashes[key] = _sha256(path)
+    return _hashes[key]
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -503,7 +518,7 @@ def verified_export(run_dir: Path, fmt: str, identity: dict[str, Any] | None = N
     if record.get("checkpoint") != identity:
         raise ExportError(f"the {fmt} export was made from another checkpoint")
     path = run_dir / EXPORT_DIR / FILE_NAMES[fmt]
-    if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+    if not path.is_file() or _sha256(path) != entry.get("sha256"):
         raise ExportError(f"the {fmt} export file is missing or corrupted (its hash does not match the record)")
     meta = read_metadata(fmt, path)
     ckpt_meta = load_checkpoint(run_dir).meta
@@ -611,7 +626,7 @@ def _make(
             "accepted": parity["passed"],
         }
         if parity["passed"]:
-            entry.update(sha256=sha256_file(tmp), bytes=tmp.stat().st_size)
+            entry.update(sha256=_sha256(tmp), bytes=tmp.stat().st_size)
             os.replace(tmp, final)
         _record(run_dir, identity, fmt, entry)
     finally:
