@@ -59,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_load=metrics.model_loads.inc,
         runtime=settings.predict_runtime,
         try_compile=settings.predict_compile,
+        threads=settings.predict_threads,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)

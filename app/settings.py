@@ -50,6 +50,12 @@ class Settings(BaseSettings):
         description="auto: measure PyTorch (eager, channels-last) and ONNX Runtime for each model on this host and "
         "serve the fastest; torch: PyTorch only",
     )
+    predict_threads: int | None = Field(
+        None,
+        ge=1,
+        description="threads of each forward pass on a CPU (default: every core this process may use; with several "
+        "API processes on one machine, give each its share)",
+    )
     predict_compile: bool = Field(
         False, description="also measure torch.compile when choosing a model's runtime (~20 s of compiling per model)"
     )

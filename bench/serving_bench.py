@@ -121,7 +121,11 @@ def image_pools(quick: bool) -> dict[str, list[bytes]]:
 
 
 def start_workers(env: dict[str, str], port: int, workers: int, log_path: Path) -> subprocess.Popen[bytes]:
-    """The API alone under uvicorn with ``workers`` processes (each with its own model cache and batcher)."""
+    """The API alone under uvicorn with ``workers`` processes (each with its own model cache and batcher, and
+    its share of the cores for its forward passes)."""
+    from finetune.runtime import usable_cpus
+
+    env = {**env, "FINETUNE_PREDICT_THREADS": str(max(1, usable_cpus() // workers))}
     return start_process(
         [
             "-m",

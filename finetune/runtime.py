@@ -146,7 +146,7 @@ def _cpu_predictor(predictor: Any, run_dir: Path) -> Any:
 
 
 def candidates(
-    predictor: Any, run_dir: Path, precision: str, *, try_compile: bool, use_onnx: bool
+    predictor: Any, run_dir: Path, precision: str, *, try_compile: bool, use_onnx: bool, threads: int | None = None
 ) -> tuple[list[Runtime], str]:
     """The runtimes to measure, and a note on what was left out and why."""
     notes: list[str] = []
@@ -154,7 +154,7 @@ def candidates(
     if predictor.device.type == "cpu" and use_onnx:
         if onnx_available():
             try:
-                ort.append(ort_runtime(run_dir, precision, predictor, usable_cpus()))
+                ort.append(ort_runtime(run_dir, precision, predictor, threads or usable_cpus()))
             except (ExportError, FinetuneError) as e:
                 notes.append(f"ONNX Runtime not used: {e}")
                 log.warning("model %s: ONNX Runtime not used: %s", run_dir.name, e)
@@ -235,6 +235,7 @@ class Prepared:
     identity: dict[str, Any]
     key: str
     previous: dict[str, Any] | None
+    remeasure: bool = False
 
 
 def prepare(
@@ -245,16 +246,21 @@ def prepare(
     try_compile: bool = False,
     use_onnx: bool = True,
     remeasure: bool = False,
+    threads: int | None = None,
 ) -> Prepared:
     """The slow half of choosing (exports and their parity checks): safe to run beside serving."""
     run_dir = Path(run_dir)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    options, note = candidates(predictor, run_dir, precision, try_compile=try_compile, use_onnx=use_onnx)
+    options, note = candidates(
+        predictor, run_dir, precision, try_compile=try_compile, use_onnx=use_onnx, threads=threads
+    )
     identity = checkpoint_identity(run_dir)
     key = device_key(predictor.device)
     previous = None if remeasure else recorded(run_dir, identity, key, precision)
-    return Prepared(run_dir, predictor.preprocessing.crop_size, precision, options, note, identity, key, previous)
+    return Prepared(
+        run_dir, predictor.preprocessing.crop_size, precision, options, note, identity, key, previous, remeasure
+    )
 
 
 def choose(prepared: Prepared, *, batch: int = 8, seconds: float = 1.5) -> Choice:
@@ -265,7 +271,7 @@ def choose(prepared: Prepared, *, batch: int = 8, seconds: float = 1.5) -> Choic
     by_name = {r.name: r for r in p.options}
     if p.previous is not None and p.previous.get("winner") in by_name:
         return Choice(by_name[p.previous["winner"]], p.previous, p.note)
-    if len(p.options) == 1:
+    if len(p.options) == 1 and not p.remeasure:  # nothing to choose between (measured only when asked)
         return Choice(p.options[0], {"winner": p.options[0].name, "images_per_sec": {}}, p.note)
     sample = np.random.default_rng(0).integers(0, 256, (batch, p.crop, p.crop, 3), dtype=np.uint8)
     speeds = measure(p.options, sample, seconds)

@@ -30,7 +30,15 @@ import torch
 
 from app.serving.batcher import MicroBatcher
 from finetune.predict import Predictor
-from finetune.runtime import TORCH_CHANNELS_LAST, Choice, batch_forward, choose, prepare, torch_runtime
+from finetune.runtime import (
+    TORCH_CHANNELS_LAST,
+    Choice,
+    batch_forward,
+    choose,
+    prepare,
+    torch_runtime,
+    usable_cpus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +53,20 @@ _threads_configured = threading.Lock()
 _threads_done = False
 
 
-def configure_cpu_threads() -> None:
-    """Give torch one intra-op thread per CPU this process may run on (once per process).
+def configure_cpu_threads(threads: int | None = None) -> None:
+    """Give torch ``threads`` intra-op threads, by default one per CPU this process may run on (once per
+    process).
 
     torch counts the machine's cores, which in a container limited by affinity is more than it can use;
-    oversubscribed threads make every forward slower."""
+    oversubscribed threads make every forward slower. With several API processes on one machine, give
+    each its share (``FINETUNE_PREDICT_THREADS``)."""
     global _threads_done
     with _threads_configured:
         if _threads_done:
             return
         _threads_done = True
-        try:
-            usable = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # not on Linux
-            usable = os.cpu_count() or 1
-        if torch.get_num_threads() > usable:
+        usable = threads or usable_cpus()
+        if torch.get_num_threads() > usable or threads:
             torch.set_num_threads(max(1, usable))
 
 
@@ -130,6 +137,7 @@ class ModelCache:
         on_load: Callable[[], None] | None = None,
         runtime: str = "auto",
         try_compile: bool = False,
+        threads: int | None = None,
     ) -> None:
         self.capacity = max(1, capacity)
         self.max_batch = max_batch
@@ -140,6 +148,7 @@ class ModelCache:
         self.on_load = on_load
         self.use_onnx = runtime == "auto"
         self.try_compile = try_compile
+        self.threads = threads
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._discard: set[str] = set()  # evicted while loading: do not keep the result
@@ -218,6 +227,7 @@ class ModelCache:
                     precision=entry.precision,
                     try_compile=self.try_compile,
                     use_onnx=self.use_onnx,
+                    threads=self.threads,
                 ),
             )
             batch = min(MEASURE_BATCH, self.max_batch)
@@ -249,7 +259,7 @@ class ModelCache:
     def _load_blocking(self, run_dir: Path) -> Predictor:
         predictor = self.loader(run_dir)
         if predictor.device.type == "cpu":
-            configure_cpu_threads()
+            configure_cpu_threads(self.threads)
         if self.max_pixels is not None:
             predictor.max_pixels = self.max_pixels
         return predictor
