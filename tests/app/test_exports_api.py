@@ -188,3 +188,20 @@ def test_raw_jpeg_body_is_answered(client: TestClient, model_id: str) -> None:
         400,
         "no_images",
     )
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_predict_is_served_by_pytorch_when_onnxruntime_is_missing(
+    client: TestClient, model_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("finetune.runtime.onnx_available", lambda: False)
+    r = predict(client, model_id, png("green"))
+    assert r.status_code == 200, r.text
+    info = chosen(client, model_id)
+    assert info["runtime"].startswith("torch-") and "not installed" in info["note"]
+    a, b = (
+        r.json()["predictions"][0]["labels"],
+        predict(client, model_id, png("green")).json()["predictions"][0]["labels"],
+    )
+    assert [p["label"] for p in a] == [p["label"] for p in b]
+    assert [p["probability"] for p in a] == pytest.approx([p["probability"] for p in b], abs=1e-5)
