@@ -285,7 +285,7 @@ def _serving_lines(s: dict[str, Any]) -> list[str]:
     lines += [
         "## Exports: parity with PyTorch and the serving runtimes",
         "",
-        f"Each model fine-tuned here (frozen backbone pretrained on other shapes, 224 px), then exported; every export "
+        f"Each model fine-tuned here (frozen backbone pretrained on other shapes, at its 64 px), then exported; every export "
         f"is run beside the PyTorch model on its test split ({par['test_images']} images, at most 256 checked). "
         "Float32 exports are refused below 100% top-1 agreement or above 1e-4 probability difference.",
         "",
