@@ -27,7 +27,7 @@ from bench.serving_bench import admin_key, train_served_model, wait_runtime
 TOOLS = Path.home() / ".cache" / "finetune-bench" / "tools"
 # (part, substrings of a stack's frames that put a sample there), first match wins
 PARTS = (
-    ("forward pass (network)", ("Session.run", "finetune/runtime.py", "torch/nn/", "finetune/export.py")),
+    ("forward pass (network)", ("Session.run", "finetune/serving.py", "torch/nn/", "finetune/export.py")),
     ("decode + resize + crop", ("finetune/images.py", "finetune/predict.py", "finetune/loader.py", "PIL/")),
     ("batcher and thread hops", ("batcher.py", "concurrent/futures", "asyncio/futures.py", "anyio/", "to_thread")),
     ("authentication, model lookup", ("api/deps.py", "keycache.py", "sqlalchemy", "services/auth.py")),

@@ -123,7 +123,7 @@ def image_pools(quick: bool) -> dict[str, list[bytes]]:
 def start_workers(env: dict[str, str], port: int, workers: int, log_path: Path) -> subprocess.Popen[bytes]:
     """The API alone under uvicorn with ``workers`` processes (each with its own model cache and batcher, and
     its share of the cores for its forward passes)."""
-    from finetune.runtime import usable_cpus
+    from finetune.serving import usable_cpus
 
     env = {**env, "FINETUNE_PREDICT_THREADS": str(max(1, usable_cpus() // workers))}
     return start_process(
@@ -320,7 +320,7 @@ def parity_table(work: Path, *, archs: tuple[str, ...], quick: bool, log: Any) -
     from finetune.config import TrainConfig
     from finetune.export import FORMATS, export_run
     from finetune.predict import Predictor
-    from finetune.runtime import select_runtime
+    from finetune.serving import select_runtime
     from finetune.train import train
 
     data = make_split_dataset(

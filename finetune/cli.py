@@ -363,7 +363,7 @@ def cmd_export(args: argparse.Namespace, out: Output) -> int:
     report: dict[str, Any] = {"format": args.format, "file": str(path), "accepted": True, "parity": result.parity}
     if args.measure:
         from .predict import Predictor
-        from .runtime import select_runtime
+        from .serving import select_runtime
 
         precision = "int8" if args.format == "onnx-int8" else "fp32"
         predictor = Predictor.from_run(args.run_dir, device="cpu")

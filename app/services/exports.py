@@ -2,7 +2,7 @@
 the precision its owner chose and the runtimes measured for it on each kind of host.
 
 The engine makes and checks the files (``finetune.export``) and measures the runtimes
-(``finetune.runtime``); both are recorded in the model's run folder. This module reads those records for
+(``finetune.serving``); both are recorded in the model's run folder. This module reads those records for
 the API and the model page, and maps the engine's refusals to API errors.
 """
 
@@ -27,7 +27,7 @@ from finetune.export import (
     export_run,
     parity_summary,
 )
-from finetune.runtime import read_serving
+from finetune.serving import read_serving
 
 PRECISIONS = ("fp32", "int8")
 SUFFIXES = {"onnx": ".onnx", TORCHSCRIPT: ".torchscript.pt", ONNX_INT8: ".int8.onnx"}

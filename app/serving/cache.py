@@ -6,7 +6,7 @@ thread for all models: on a CPU one forward already uses every core (more at onc
 and on one GPU they serialise anyway. Decoding and cropping stay on the shared threadpool.
 
 A model answers at once with PyTorch (channels-last); meanwhile, on a low-priority thread, its runtime is
-chosen (``finetune.runtime``: the ONNX export made and parity-checked if needed, then PyTorch eager,
+chosen (``finetune.serving``: the ONNX export made and parity-checked if needed, then PyTorch eager,
 channels-last, torch.compile when enabled and ONNX Runtime measured on the forward thread, where nothing
 competes with the measurement) and the batcher switches to the winner. The choice is recorded in the run
 folder, so the next process on the same kind of host reuses it without measuring.
@@ -30,7 +30,7 @@ import torch
 
 from app.serving.batcher import MicroBatcher
 from finetune.predict import Predictor
-from finetune.runtime import (
+from finetune.serving import (
     TORCH_CHANNELS_LAST,
     Choice,
     batch_forward,

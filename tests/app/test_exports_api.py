@@ -194,7 +194,7 @@ def test_raw_jpeg_body_is_answered(client: TestClient, model_id: str) -> None:
 def test_predict_is_served_by_pytorch_when_onnxruntime_is_missing(
     client: TestClient, model_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("finetune.runtime.onnx_available", lambda: False)
+    monkeypatch.setattr("finetune.serving.onnx_available", lambda: False)
     r = predict(client, model_id, png("green"))
     assert r.status_code == 200, r.text
     info = chosen(client, model_id)

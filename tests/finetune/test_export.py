@@ -32,7 +32,7 @@ from finetune.export import (
 )
 from finetune.models import ARCHITECTURES
 from finetune.predict import Predictor
-from finetune.runtime import ORT, TORCH_CHANNELS_LAST, TORCH_EAGER, candidates, select_runtime
+from finetune.serving import ORT, TORCH_CHANNELS_LAST, TORCH_EAGER, candidates, select_runtime
 
 from .runs import make_run
 
@@ -187,7 +187,7 @@ def test_predict_falls_back_to_pytorch_without_onnxruntime(resnet_run: Path) -> 
         sys.modules["onnxruntime"] = None  # as if it were not installed: importing it raises ImportError
         import numpy as np
         from finetune.predict import Predictor
-        from finetune.runtime import select_runtime
+        from finetune.serving import select_runtime
         p = Predictor.from_run({str(resnet_run)!r}, device="cpu")
         choice = select_runtime(p, {str(resnet_run)!r}, seconds=0.05, remeasure=True)
         crops = np.zeros((2, p.preprocessing.crop_size, p.preprocessing.crop_size, 3), np.uint8)
