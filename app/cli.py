@@ -122,11 +122,13 @@ def cmd_users(args: argparse.Namespace) -> int:
     from app.db import session_scope
     from app.db.migrate import upgrade
     from app.db.tables import ApiKey, User
-    from app.services import auth
+    from app.services import auth, users
+    from app.storage import Storage
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
+    files: list[str] = []  # storage keys to remove once the rows are gone
     try:
         with session_scope(settings.db_url) as s:
             if args.action == "list":
@@ -151,12 +153,15 @@ def cmd_users(args: argparse.Namespace) -> int:
                 token = auth.issue_login_token(s, auth.get_user(s, args.name))
                 print(f"http://{settings.host}:{settings.port}/login?token={token}")
             elif args.action == "delete":
-                user = auth.get_user(s, args.name)
-                s.delete(user)  # their datasets, jobs and models go with them (ON DELETE CASCADE)
-                print(f"deleted user {args.name!r}")
+                files = users.delete_user(s, auth.get_user(s, args.name))
     except auth.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.action == "delete":
+        storage = Storage(settings.data_dir)
+        for key in files:
+            storage.delete(key)
+        print(f"deleted user {args.name!r}: keys, sessions, datasets, jobs and models ({len(files)} folder(s) removed)")
     return 0
 
 

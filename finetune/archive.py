@@ -7,7 +7,8 @@ are counted against a cap, so a zip bomb stops early. Nested archives are just f
 ``StoredNames`` goes further for files that come from someone else (the service's uploads): a file's own
 name never becomes a path. Each file is stored under a generated name in its folder, folder names (class
 and split names) are normalised, and the original names are kept as data in ``NAMES_FILE``, which
-``finetune.dataset.load_dataset`` reads to show them in its report.
+``finetune.dataset.load_dataset`` reads to show them in its report. Two folders whose names clean up to the
+same name are refused (``FolderNameClashError``), never merged.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import unicodedata
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from .errors import DatasetError, UnsafeArchiveError
+from .errors import DatasetError, FolderNameClashError, UnsafeArchiveError
 
 _CHUNK = 1 << 20
 # Names that operating systems add to archives; they are ignored silently, never reported.
@@ -33,6 +34,10 @@ JUNK_DIRS = frozenset({"__MACOSX"})
 # A dot-file: the dataset reader skips it like any hidden file, and no upload can write one (junk is skipped).
 NAMES_FILE = ".names.json"
 MAX_FOLDER_NAME = 100
+# Real datasets nest a few folders (split/class/sub-folders); a path thousands of folders deep is an attack on
+# the file system (ENAMETOOLONG, recursion in mkdir), refused with its own message before anything is written.
+MAX_PATH_DEPTH = 32
+MAX_PATH_BYTES = 1024
 # Unix file types that may be extracted (0: no type recorded, as Windows tools and ``writestr`` leave it).
 _PLAIN_TYPES = (0, stat.S_IFREG, stat.S_IFDIR)
 _AES_COMPRESSION = 99  # WinZip AES encryption is announced as this compression method
@@ -46,6 +51,8 @@ class ArchiveLimits:
     # Images hardly compress; text-like fillers that expand 100x are bombs, not photos.
     max_ratio: float = 200.0
     max_name_length: int = 255
+    max_depth: int = MAX_PATH_DEPTH
+    max_path_length: int = MAX_PATH_BYTES
 
 
 def is_junk(relative: PurePosixPath) -> bool:
@@ -53,19 +60,41 @@ def is_junk(relative: PurePosixPath) -> bool:
     return any(part in JUNK_DIRS or part in JUNK_NAMES or part.startswith(".") for part in relative.parts)
 
 
-def safe_member_path(name: str, max_name_length: int = 255) -> PurePosixPath:
-    """The relative path an archive entry may be written to, or ``UnsafeArchiveError``."""
+def safe_member_path(
+    name: str,
+    max_name_length: int = 255,
+    *,
+    max_depth: int = MAX_PATH_DEPTH,
+    max_path_length: int = MAX_PATH_BYTES,
+) -> PurePosixPath:
+    """The relative path an archive entry may be written to, or ``UnsafeArchiveError``: no NUL, nothing
+    absolute or outside (``..``), names of at most ``max_name_length`` bytes, at most ``max_depth`` levels
+    and ``max_path_length`` bytes in all."""
     if "\x00" in name:
-        raise UnsafeArchiveError(f"archive entry {name!r} has a NUL byte in its name")
+        raise UnsafeArchiveError(f"archive entry {_short(name)} has a NUL byte in its name")
     normalised = name.replace("\\", "/")
     if normalised.startswith("/") or (len(normalised) > 1 and normalised[1] == ":"):
-        raise UnsafeArchiveError(f"archive entry {name!r} has an absolute path")
+        raise UnsafeArchiveError(f"archive entry {_short(name)} has an absolute path")
     parts = [p for p in normalised.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
-        raise UnsafeArchiveError(f"archive entry {name!r} points outside the archive (..)")
+        raise UnsafeArchiveError(f"archive entry {_short(name)} points outside the archive (..)")
     if any(len(p.encode()) > max_name_length for p in parts):
-        raise UnsafeArchiveError(f"archive entry {name[:80]!r}... has a name longer than {max_name_length}")
+        raise UnsafeArchiveError(f"archive entry {_short(name)} has a name longer than {max_name_length} bytes")
+    if len(parts) > max_depth:
+        raise UnsafeArchiveError(
+            f"archive entry {_short(name)} is nested {len(parts)} levels deep, more than the limit of {max_depth}"
+        )
+    if len(name.encode()) > max_path_length:
+        raise UnsafeArchiveError(
+            f"archive entry {_short(name)} has a path of {len(name.encode())} bytes, "
+            f"longer than the limit of {max_path_length}"
+        )
     return PurePosixPath(*parts) if parts else PurePosixPath()
+
+
+def _short(name: str, keep: int = 80) -> str:
+    """``name`` quoted for a message, cut when long (a 4 KB path would drown the message)."""
+    return repr(name) if len(name) <= keep else f"{name[:keep]!r}..."
 
 
 def clean_folder_name(part: str, max_length: int = MAX_FOLDER_NAME) -> str:
@@ -81,6 +110,38 @@ def clean_folder_name(part: str, max_length: int = MAX_FOLDER_NAME) -> str:
     return cleaned
 
 
+def shown_folder(name: str) -> str:
+    """A folder name quoted for a message so that names which look alike can be told apart: escaped when it
+    holds invisible characters or is not in Unicode NFC (``'cafe\\u0301'`` next to ``'café'``)."""
+    plain = name.isprintable() and unicodedata.normalize("NFC", name) == name
+    return repr(name) if plain else ascii(name)
+
+
+def folder_name_clash(names: Iterable[str], cleaned: str) -> FolderNameClashError:
+    shown = sorted({shown_folder(n) for n in names})
+    listed = " and ".join([", ".join(shown[:-1]), shown[-1]]) if len(shown) > 1 else shown[0]
+    return FolderNameClashError(
+        f"the folders {listed} would become one folder, {cleaned!r}, once their names are cleaned up "
+        f"(Unicode NFC, invisible and control characters and surrounding spaces removed, at most "
+        f"{MAX_FOLDER_NAME} characters): rename them so that they differ, or put their images in one folder"
+    )
+
+
+def check_distinct_folders(names: Iterable[str], max_length: int = MAX_FOLDER_NAME) -> None:
+    """``FolderNameClashError`` when two of ``names`` (sibling folders: the classes of a dataset) clean up
+    to the same name: the service stores them under their cleaned names, so it could only merge them."""
+    by_cleaned: dict[str, list[str]] = {}
+    for name in names:
+        try:
+            cleaned = clean_folder_name(name, max_length)
+        except UnsafeArchiveError:
+            cleaned = name  # nothing left once cleaned: nothing it could be merged with either
+        by_cleaned.setdefault(cleaned, []).append(name)
+    for cleaned, group in sorted(by_cleaned.items()):
+        if len(set(group)) > 1:
+            raise folder_name_clash(group, cleaned)
+
+
 Rename = Callable[[PurePosixPath], PurePosixPath]
 
 
@@ -88,22 +149,34 @@ Rename = Callable[[PurePosixPath], PurePosixPath]
 class StoredNames:
     """The ``rename`` hook of ``extract_zip`` (and of the service's folder uploads): maps a file's checked
     relative path to the path it is stored under, ``<cleaned folders>/<counter>``, and remembers the
-    original. The counter is global, so two files never meet however their folders clean up."""
+    original. The counter is global, so two files never meet; two folders whose names clean up to the same
+    name (``cat`` and ``ca\\u200dt``, ``dog`` and ``dog ``) would, and are a ``FolderNameClashError``."""
 
     max_folder_length: int = MAX_FOLDER_NAME
     originals: dict[str, str] = field(default_factory=dict)  # stored path -> original path
     _seen: set[str] = field(default_factory=set, repr=False)
+    # cleaned folder path -> the original folder path it stands for
+    _folders: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict, repr=False)
 
     def __call__(self, relative: PurePosixPath) -> PurePosixPath:
         if not relative.parts:
             raise UnsafeArchiveError("an entry has no name")
         if str(relative) in self._seen:
-            raise UnsafeArchiveError(f"archive has the entry {str(relative)!r} twice")
+            raise UnsafeArchiveError(f"archive has the entry {_short(str(relative))} twice")
         self._seen.add(str(relative))
         folders = [clean_folder_name(p, self.max_folder_length) for p in relative.parts[:-1]]
+        self._claim(tuple(folders), relative.parts[:-1])
         stored = PurePosixPath(*folders, f"{len(self.originals) + 1:06d}")
         self.originals[str(stored)] = str(relative)
         return stored
+
+    def _claim(self, cleaned: tuple[str, ...], original: tuple[str, ...]) -> None:
+        """Each cleaned folder stands for one original folder. Parents are claimed first, so a clash is
+        found where the originals part ways: between two siblings."""
+        for depth in range(1, len(cleaned) + 1):
+            known = self._folders.setdefault(cleaned[:depth], original[:depth])
+            if known != original[:depth]:
+                raise folder_name_clash([known[-1], original[depth - 1]], cleaned[depth - 1])
 
     def write(self, folder: Path) -> None:
         """Keep the original names beside the files they belong to (``folder / NAMES_FILE``)."""
@@ -163,6 +236,8 @@ def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str, r
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile:
         raise DatasetError(f"{name} is not a valid zip file (corrupt or not a zip)") from None
+    except UnicodeDecodeError:  # the UTF-8 flag is set and a name is not UTF-8 (overlong forms among them)
+        raise DatasetError(f"{name} has an entry name that is not valid UTF-8 although the zip says it is") from None
     except FileNotFoundError:
         raise DatasetError(f"{archive} does not exist") from None
     with zf:
@@ -195,7 +270,9 @@ def _extract_into(archive: Path, root: Path, limits: ArchiveLimits, name: str, r
 
 def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> PurePosixPath | None:
     """Validate one entry; return its relative path, or None for OS junk that is skipped silently."""
-    relative = safe_member_path(info.filename, limits.max_name_length)
+    relative = safe_member_path(
+        info.filename, limits.max_name_length, max_depth=limits.max_depth, max_path_length=limits.max_path_length
+    )
     # Bit 0: encrypted; bit 6: strong encryption; method 99: WinZip AES.
     if info.flag_bits & 0x41 or info.compress_type == _AES_COMPRESSION:
         raise UnsafeArchiveError(f"archive entry {info.filename!r} is encrypted")
@@ -234,7 +311,7 @@ def _copy_entry(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, limits
                 dst.write(chunk)
     except FileExistsError:
         raise UnsafeArchiveError(f"archive has the entry {info.filename!r} twice") from None
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, UnicodeDecodeError) as e:
         raise DatasetError(f"archive entry {info.filename!r} is corrupt: {e}") from None
     return written
 
@@ -243,6 +320,7 @@ __all__ = [
     "NAMES_FILE",
     "ArchiveLimits",
     "StoredNames",
+    "check_distinct_folders",
     "clean_folder_name",
     "extract_zip",
     "is_junk",

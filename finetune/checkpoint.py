@@ -12,7 +12,14 @@ Layout::
 
 A checkpoint is written into a temporary folder, fsynced, then renamed into place (atomic); the ``last``
 and ``best`` links are replaced with ``os.replace`` (atomic). So a reader always finds the previous or
-the new checkpoint, whole. Retention keeps ``best``, ``last`` and the newest ``keep_last`` epochs.
+the new checkpoint, whole.
+
+``last`` is the commit point: a checkpoint belongs to the run once ``last`` points at it, and its
+metadata names the run's best checkpoint (``best_checkpoint``). ``best`` is re-pointed right after
+``last``; a crash between the two is repaired by ``settle`` before a run resumes. Epoch numbers only
+increase: a save at or before the epoch ``last`` points at is refused, and a checkpoint that ``best`` or
+``last`` points at is never removed or replaced. Retention keeps ``best``, ``last`` and the newest
+``keep_last`` epochs; a folder it removes is first renamed out of the ``epoch-NNNN`` names.
 """
 
 from __future__ import annotations
@@ -87,6 +94,19 @@ def contiguous_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def linked_epoch(run_dir: Path, link: str) -> int | None:
+    """The epoch the ``last`` or ``best`` link points at (None without the link)."""
+    try:
+        match = _EPOCH_DIR.match(Path(os.readlink(run_dir / link)).name)
+    except FileNotFoundError:
+        return None
+    return int(match.group(1)) if match else None
+
+
 def save_checkpoint(
     run_dir: Path,
     epoch: int,
@@ -94,21 +114,30 @@ def save_checkpoint(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None,
     *,
-    is_best: bool,
-    update_last: bool = True,
+    best_epoch: int,
+    commit: bool = True,
     keep_last: int = 1,
 ) -> Path:
-    """Write ``checkpoints/epoch-NNNN`` atomically, repoint ``last`` (and ``best``), apply retention."""
+    """Write ``checkpoints/epoch-NNNN`` atomically; with ``commit``, point ``last`` at it and ``best`` at the
+    checkpoint of ``best_epoch`` (this one, or an earlier one that exists), then apply retention. Without
+    ``commit`` the checkpoint is only written, for a later commit to name as its best."""
     from safetensors.torch import save_file
 
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    name = f"epoch-{epoch:04d}"
+    name = checkpoint_name(epoch)
+    last_epoch = linked_epoch(run_dir, "last")
+    if last_epoch is not None and epoch <= last_epoch:
+        raise CheckpointError(f"cannot save epoch {epoch}: the run is at epoch {last_epoch}, and epochs only increase")
+    best = ckpt_root / checkpoint_name(best_epoch)
+    if commit and best_epoch != epoch and not (best / MODEL_FILE).is_file():
+        raise CheckpointError(f"the best epoch {best_epoch} has no checkpoint to point at")
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         save_file(state_dict, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        meta = {**meta, "best_checkpoint": best.name}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=_json_default))
         if train_state is not None:
             with open(tmp / STATE_FILE, "wb") as fh:  # a Python file: its OSError is kept as the context
@@ -117,7 +146,7 @@ def save_checkpoint(
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        if final.exists():  # the same epoch saved again (e.g. best and last at different times)
+        if final.exists():  # written by an attempt that died before committing it
             _remove_unreferenced(run_dir, final)
         tmp.rename(final)
         fsync_dir(ckpt_root)
@@ -127,12 +156,11 @@ def save_checkpoint(
             # safetensors and torch.save word a full disk their own way; raise it as the OSError it is.
             raise OSError(errno.ENOSPC, f"No space left on device while saving checkpoint {name}") from e
         raise
-    if update_last:
+    if commit:
         _point(run_dir, "last", final)
-    if is_best:
-        _point(run_dir, "best", final)
-    fsync_dir(run_dir)
-    apply_retention(run_dir, keep_last)
+        _point(run_dir, "best", best)  # a crash just before this: settle() points best as last's meta says
+        fsync_dir(run_dir)
+        apply_retention(run_dir, keep_last)
     return final
 
 
@@ -155,29 +183,74 @@ def _out_of_space(e: BaseException) -> bool:
 
 
 def _point(run_dir: Path, link: str, target: Path) -> None:
+    relative = os.path.relpath(target, run_dir)
+    if (run_dir / link).is_symlink() and os.readlink(run_dir / link) == relative:
+        return
     tmp = run_dir / f".{link}.{uuid.uuid4().hex[:8]}"
-    os.symlink(os.path.relpath(target, run_dir), tmp)
+    os.symlink(relative, tmp)
     os.replace(tmp, run_dir / link)
 
 
+def _referenced(run_dir: Path) -> set[Path]:
+    return {(run_dir / link).resolve() for link in ("last", "best") if (run_dir / link).is_symlink()}
+
+
 def _remove_unreferenced(run_dir: Path, ckpt: Path) -> None:
+    """Remove a checkpoint nothing points at: renamed out of the epoch names first, so a crash half-way
+    through the removal never leaves a partial ``epoch-NNNN`` folder."""
+    if ckpt.resolve() in _referenced(run_dir):
+        raise CheckpointError(f"{ckpt.name} is pointed at by 'best' or 'last'; it is never removed")
     trash = ckpt.with_name(f".trash-{ckpt.name}-{uuid.uuid4().hex[:8]}")
     ckpt.rename(trash)
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _epoch_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """(epoch, folder) of every checkpoint, oldest first."""
+    found = ((_EPOCH_DIR.match(p.name), p) for p in ckpt_root.iterdir())
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
 def apply_retention(run_dir: Path, keep_last: int) -> None:
     ckpt_root = run_dir / "checkpoints"
-    keep = {p.resolve() for p in (run_dir / "last", run_dir / "best") if p.exists()}
-    epochs = sorted((p for p in ckpt_root.iterdir() if _EPOCH_DIR.match(p.name)), key=lambda p: p.name)
-    keep.update(p.resolve() for p in epochs[-keep_last:])
+    epochs = [p for _, p in _epoch_dirs(ckpt_root)]
+    keep = _referenced(run_dir) | {p.resolve() for p in epochs[-keep_last:]}
     for p in epochs:
         if p.resolve() not in keep:
-            shutil.rmtree(p, ignore_errors=True)
-    # Leftovers of saves that crashed half-way are never referenced: clear them.
-    for p in ckpt_root.iterdir():
+            _remove_unreferenced(run_dir, p)
+    _clear_leftovers(run_dir)
+
+
+def _clear_leftovers(run_dir: Path) -> None:
+    """Leftovers of saves that crashed half-way are never pointed at: temporary and half-removed
+    checkpoint folders, and links that were being made."""
+    for p in (run_dir / "checkpoints").iterdir():
         if p.name.startswith((".tmp-", ".trash-")):
             shutil.rmtree(p, ignore_errors=True)
+    for p in run_dir.iterdir():
+        if p.name.startswith((".last.", ".best.")) and p.is_symlink():
+            p.unlink()
+
+
+def settle(run_dir: Path) -> None:
+    """Make a run directory whole again after a crash at any instant, before the run resumes: ``best`` is
+    what ``last``'s metadata names (a crash can fall between re-pointing the two); a ``best`` without a
+    ``last`` was never committed and goes; so do checkpoints after ``last`` (written, never committed) and
+    the leftovers of interrupted saves."""
+    ckpt_root = run_dir / "checkpoints"
+    last_epoch = linked_epoch(run_dir, "last")
+    if last_epoch is None:
+        (run_dir / "best").unlink(missing_ok=True)
+    else:
+        best = read_json(run_dir / "last" / META_FILE).get("best_checkpoint")
+        if best is not None and (ckpt_root / best / MODEL_FILE).is_file():
+            _point(run_dir, "best", ckpt_root / best)
+    if not ckpt_root.is_dir():
+        return
+    for epoch, p in _epoch_dirs(ckpt_root):
+        if last_epoch is None or epoch > last_epoch:
+            _remove_unreferenced(run_dir, p)
+    _clear_leftovers(run_dir)
 
 
 @dataclass

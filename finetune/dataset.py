@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
-from .archive import ArchiveLimits, extract_zip, is_junk, read_names
-from .errors import DatasetError, ImageError
+from .archive import ArchiveLimits, check_distinct_folders, extract_zip, is_junk, read_names, shown_folder
+from .errors import DatasetError, FolderNameClashError, ImageError
 from .images import DEFAULT_MAX_PIXELS, decode_for_size
 from .pixelcache import PixelCache
 
@@ -265,11 +265,13 @@ def _extract_once(archive: Path, extract_dir: Path, limits: ArchiveLimits) -> Pa
 
 
 def _descend_wrapper_folders(root: Path) -> Path:
-    """A zip of ``flowers/`` holds ``flowers/daisy/...``: use the single wrapper folder as the root."""
+    """A zip of ``flowers/`` holds ``flowers/daisy/...``: use the single wrapper folder as the root. A lone
+    ``train/`` folder of class folders is descended into as well: a training set with nothing held out,
+    which gets the stratified split like any folder of classes (not one class named 'train')."""
     for _ in range(8):
         entries = [e for e in _listdir(root) if not is_junk(PurePosixPath(e.name))]
         dirs = [e for e in entries if e.is_dir()]
-        if len(dirs) == 1 and len(entries) == 1 and _SPLIT_ALIASES.get(dirs[0].name.lower()) is None:
+        if len(dirs) == 1 and len(entries) == 1 and _SPLIT_ALIASES.get(dirs[0].name.lower()) in (None, "train"):
             inner = [e for e in _listdir(Path(dirs[0].path)) if not is_junk(PurePosixPath(e.name))]
             if any(e.is_dir() for e in inner):
                 root = Path(dirs[0].path)
@@ -280,15 +282,20 @@ def _descend_wrapper_folders(root: Path) -> Path:
 
 def _find_layout(root: Path) -> dict[str, Path] | None:
     """{'train': path, 'val': path, 'test': path} (val or test may be missing, not both) when the folder
-    already has a split, else None."""
-    found: dict[str, Path] = {}
+    already has a split, else None. Two folders for one split (``train/`` and ``Training/``) are refused:
+    taking one would drop the other's images silently."""
+    found: dict[str, list[os.DirEntry]] = defaultdict(list)
     for e in _listdir(root):
         split = _SPLIT_ALIASES.get(e.name.lower())
-        if e.is_dir() and split is not None and split not in found:
-            found[split] = Path(e.path)
-    if "train" in found and ("val" in found or "test" in found):
-        return found
-    return None
+        if split is not None and e.is_dir():
+            found[split].append(e)
+    if "train" not in found or not ("val" in found or "test" in found):
+        return None
+    for split, entries in found.items():
+        if len(entries) > 1:
+            names = ", ".join(shown_folder(e.name) for e in entries)
+            raise FolderNameClashError(f"the folders {names} all hold the {split} split: keep one of them")
+    return {split: Path(entries[0].path) for split, entries in found.items()}
 
 
 def _collect_files(
@@ -326,6 +333,7 @@ def _collect_files(
             if not found_any:
                 # An empty class folder still names a class: the check below reports it clearly.
                 candidates.append(("", class_name, split))
+    check_distinct_folders({c[1] for c in candidates})
     real = [c for c in candidates if c[0]]
     empty_classes = {c[1] for c in candidates if not c[0]} - {c[1] for c in real}
     if empty_classes:

@@ -29,6 +29,14 @@ class UnsafeArchiveError(DatasetError):
     code = "unsafe_archive"
 
 
+class FolderNameClashError(DatasetError):
+    """Two folders of a dataset would become one: their names differ only in what cleaning removes
+    (Unicode normalisation, invisible characters, surrounding spaces, the length cap), or they name the
+    same split. Never merged silently: the message names both."""
+
+    code = "folder_name_clash"
+
+
 class ImageError(InputError):
     """A file is not an image we accept (unreadable, truncated, unsupported format, too many pixels)."""
 

@@ -16,6 +16,14 @@ from .loader import CachedImages, Normalizer, batches, prefetch
 from .models import Preprocessing
 
 
+def validation_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The two figures reported after every epoch (and monitored for the best epoch and early stopping)."""
+    return {
+        "val_loss": F.cross_entropy(logits, labels).item(),
+        "val_acc": (logits.argmax(1) == labels).float().mean().item(),
+    }
+
+
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]) -> dict[str, Any]:
     """Every evaluation figure from a split's logits (float, N x C) and labels (N)."""
     n, c = logits.shape

@@ -8,6 +8,7 @@ warning), no loading of truncated files, and a bounded resize for extreme aspect
 from __future__ import annotations
 
 import io
+import re
 import zipfile
 from pathlib import Path
 
@@ -114,20 +115,109 @@ def _decode(source: ImageSource, *, max_pixels: int, draft_size: int | None) -> 
 
 # What browsers and PDF readers look for in a file's first kilobyte. An image never carries them there.
 _MARKUP = (b"<html", b"<!doctype html", b"<script", b"<body", b"<iframe", b"<svg")
+# The same tags anywhere in what follows the image's own bytes (a page appended to a photo). Only whole tags
+# count there: an appended second image (a phone's depth map) is compressed data, which may hold "<svg" by
+# chance but almost never "<svg" followed by a space, "/" or ">".
+_APPENDED_MARKUP = re.compile(rb"<(?:!doctype\s+html|html|script|body|iframe|svg)[\s/>]", re.IGNORECASE)
 _ZIP_TAIL = 65_536 + 22  # the end-of-central-directory record, with the longest comment, is in here
 
 
 def polyglot_reason(data: bytes) -> str | None:
     """What else ``data`` is when it is also a document or an archive that another program would open
-    (``"a zip archive"``, ``"a PDF document"``, ``"an HTML or SVG document"``), else None."""
+    (``"a zip archive"``, ``"a PDF document"``, ``"an HTML or SVG document"``), else None. Markup counts in
+    the first kilobyte and anywhere after the end of the image itself."""
     head = data[:1024].lower()
     if b"%pdf-" in head:
         return "a PDF document"
     if any(marker in head for marker in _MARKUP):
         return "an HTML or SVG document"
+    # After the image's end; the whole file when its structure cannot be followed (then only a whole tag,
+    # which compressed pixels almost never spell, counts).
+    if _APPENDED_MARKUP.search(data, _image_end(data) or 0):
+        return "an HTML or SVG document"
     if b"PK\x05\x06" in data[-_ZIP_TAIL:] and _holds_zip(data):
         return "a zip archive"
     return None
+
+
+def _image_end(data: bytes) -> int | None:
+    """Where the image's own bytes end (what follows was appended), by its format's structure; None when
+    the structure cannot be followed."""
+    try:
+        if data.startswith(b"\xff\xd8"):
+            return _jpeg_end(data)
+        if data.startswith(b"\x89PNG\r\n\x1a\n"):
+            return _png_end(data)
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return _gif_end(data)
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            size = int.from_bytes(data[4:8], "little")
+            return 8 + size + (size & 1)
+        if data[:2] == b"BM":
+            size = int.from_bytes(data[2:6], "little")  # some writers leave it 0: then nothing is known
+            return size if 26 <= size <= len(data) else None
+    except IndexError:
+        return None
+    return None
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """The end of the first EOI marker after the first start of scan. The segments before it are walked
+    (an EXIF thumbnail's own EOI sits inside APP1, and is skipped with it); compressed data never holds
+    0xFF 0xD9 (a 0xFF there is followed by 0 or a restart marker). Anything found earlier than the real
+    end only makes the check look at more of the file."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+        elif 0xD0 <= marker <= 0xD9 or marker == 0x01:  # no length
+            i += 2
+        elif marker == 0xDA:  # start of scan
+            eoi = data.find(b"\xff\xd9", i + 2)
+            return None if eoi < 0 else eoi + 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _png_end(data: bytes) -> int | None:
+    i = 8
+    while i + 8 <= len(data):
+        length = int.from_bytes(data[i : i + 4], "big")
+        kind = data[i + 4 : i + 8]
+        i += 12 + length  # length, type, data, CRC
+        if kind == b"IEND":
+            return i
+    return None
+
+
+def _gif_end(data: bytes) -> int | None:
+    """After the trailer byte, walking the blocks (extensions and images are runs of sub-blocks)."""
+    i = 13 + _gif_table_size(data[10])
+    while i < len(data):
+        block = data[i]
+        if block == 0x3B:  # trailer
+            return i + 1
+        if block == 0x21:  # extension: introducer, label, sub-blocks
+            i = _skip_sub_blocks(data, i + 2)
+        elif block == 0x2C:  # image: descriptor, local colour table, LZW code size, sub-blocks
+            i = _skip_sub_blocks(data, i + 10 + _gif_table_size(data[i + 9]) + 1)
+        else:
+            return None
+    return None
+
+
+def _gif_table_size(flags: int) -> int:
+    return 3 * 2 ** ((flags & 0x07) + 1) if flags & 0x80 else 0
+
+
+def _skip_sub_blocks(data: bytes, i: int) -> int:
+    while (size := data[i]) != 0:
+        i += size + 1
+    return i + 1
 
 
 def _holds_zip(data: bytes) -> bool:

@@ -1,7 +1,7 @@
 """model serving precision
 
 Revision ID: b3c1d2e4f5a6
-Revises: 8535c5e0e058
+Revises: fdccf5a15679
 Create Date: 2026-12-01 10:00:00.000000
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = 'b3c1d2e4f5a6'
-down_revision: str | None = '8535c5e0e058'
+down_revision: str | None = 'fdccf5a15679'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -75,8 +75,10 @@ def authenticate(request: Request, session: Session) -> User | None:
         if found_session is not None:
             user, web = found_session
             if request.method not in SAFE_METHODS:
-                sent = request.headers.get(CSRF_HEADER, "")
-                if not hmac.compare_digest(sent, web.csrf_token):
+                # Compared as bytes: header values arrive as Latin-1 text, and compare_digest refuses str
+                # with non-ASCII characters (a TypeError: a 500 where a wrong token is a 403).
+                sent = request.headers.get(CSRF_HEADER, "").encode("latin-1")
+                if not hmac.compare_digest(sent, web.csrf_token.encode()):
                     raise ApiError(403, "csrf", "missing or wrong CSRF token: reload the page and try again")
             request.state.user_id = user.id
             request.state.csrf_token = web.csrf_token

@@ -82,12 +82,15 @@ class ApiKey(Base):
 
 
 class WebSession(Base):
-    """A browser session: the cookie's SHA-256, and the CSRF token its state-changing requests must send."""
+    """A browser session: the cookie's SHA-256, and the CSRF token its state-changing requests must send.
+    It belongs to the API key it was made with (revoking the key ends it), or, made with a one-time login
+    link, to its user alone (deleting the user ends it)."""
 
     __tablename__ = "web_sessions"
 
     id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)

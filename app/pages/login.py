@@ -4,6 +4,7 @@ its CSRF token is put in every page for the pages' own JavaScript to send back."
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 from urllib.parse import urlsplit
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from app.api.deps import SESSION_COOKIE, SessionDep, authenticate, get_session
-from app.db.tables import User
+from app.db.tables import ApiKey, User
 from app.services import auth
 
 router = APIRouter(include_in_schema=False)
@@ -49,8 +50,11 @@ def _same_origin(request: Request) -> bool:
     return parts.netloc == request.headers.get("host", "")
 
 
-def _logged_in(request: Request, user: User, session: SessionDep, target: str) -> Response:
-    issued = auth.start_session(session, user)
+def _logged_in(request: Request, user: User, session: SessionDep, target: str, key: ApiKey | None = None) -> Response:
+    issued = auth.start_session(session, user, key)
+    # Committed before the answer: the request dependency would commit only after the response went out, and
+    # a browser that follows the redirect at once would come back with a cookie the database does not know.
+    session.commit()
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
@@ -108,15 +112,16 @@ def login(
             {"title": "Log in", "error": "That API key is not valid.", "next": safe_next(next)},
             401,
         )
-    return _logged_in(request, found[0], session, safe_next(next))
+    return _logged_in(request, found[0], session, safe_next(next), key=found[1])
 
 
 @router.post("/logout")
 def logout(request: Request, session: SessionDep, csrf_token: Annotated[str, Form(max_length=200)] = "") -> Response:
     cookie = request.cookies.get(SESSION_COOKIE)
     found = auth.session_for_cookie(session, cookie) if cookie else None
-    if found is not None and csrf_token == found[1].csrf_token:
+    if found is not None and hmac.compare_digest(csrf_token.encode(), found[1].csrf_token.encode()):
         auth.end_session(session, cookie or "")
+        session.commit()  # ended before the answer says so
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

@@ -26,7 +26,8 @@ from sqlalchemy import select
 from app.api.deps import SessionDep, SettingsDep, StorageDep
 from app.api.routes.jobs import job_out  # the job page seeds its charts with exactly the API's JSON
 from app.db.tables import FINISHED_STATUSES, Dataset, Job
-from app.errors import ApiError, error_body
+from app.domain_errors import NotFound
+from app.errors import error_body
 from app.pages.login import LoginRequired, PageUser
 from app.pages.login import router as login_router
 from app.services import datasets as dataset_svc
@@ -241,7 +242,7 @@ def dataset_page(
 ) -> HTMLResponse:
     try:
         dataset = dataset_svc.get_owned(session, user, dataset_id)
-    except ApiError:
+    except NotFound:
         return not_found_page(request, "dataset", dataset_id)
     indices = dataset_svc.thumbnail_indices(storage, dataset)
     thumbnails = {c: [f"/api/v1/datasets/{dataset.id}/thumbnails/{i}" for i in idx] for c, idx in indices.items()}
@@ -335,7 +336,7 @@ def new_job(
 def job_page(job_id: str, request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
     try:
         job = job_svc.get_owned(session, user, job_id)
-    except ApiError:
+    except NotFound:
         return not_found_page(request, "job", job_id)
     metrics = job_svc.metrics_of(session, job.id)
     model = job_svc.model_of(session, job.id)
@@ -374,7 +375,7 @@ def model_page(
 ) -> HTMLResponse:
     try:
         model = model_svc.get_owned(session, user, model_id)
-    except ApiError:
+    except NotFound:
         return not_found_page(request, "model", model_id)
     evaluation = model.evaluation or {}
     headline_split, _ = _headline(evaluation)

@@ -3,13 +3,15 @@
 Secrets are random 256-bit tokens shown once; only their SHA-256 is stored (a slow hash adds nothing for
 secrets this long). API keys authenticate REST clients (``Authorization: Bearer ft_...``); a browser logs
 in once (with a key or a one-time link) and gets a session cookie plus a CSRF token that every
-state-changing request made with that cookie must echo.
+state-changing request made with that cookie must echo. A session made with a key lives no longer than the
+key (``revoke_keys``); every session of a user ends with the user.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -92,16 +94,29 @@ def user_for_key(session: Session, key: str) -> tuple[User, ApiKey] | None:
     return user, record
 
 
+def revoke_keys(session: Session, key_ids: Collection[str]) -> int:
+    """The one place API keys stop working: each is marked revoked and every browser session logged in
+    with it ends. Anything that remembers keys (a cache of them) must forget these ids when this is
+    committed. Returns how many keys were active."""
+    if not key_ids:
+        return 0
+    ids = list(key_ids)
+    result = session.execute(
+        update(ApiKey).where(ApiKey.id.in_(ids), ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+    )
+    session.execute(delete(WebSession).where(WebSession.api_key_id.in_(ids)))
+    session.flush()
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def revoke_key(session: Session, prefix: str) -> int:
     """Revoke every active key starting with ``prefix`` (as printed by ``users list``)."""
     if len(prefix) < len(KEY_PREFIX) + 4:
         raise UserError("give at least the first 7 characters of the key (as `users list` shows them)")
-    result = session.execute(
-        update(ApiKey)
-        .where(ApiKey.prefix.startswith(prefix[: len(KEY_PREFIX) + 6]), ApiKey.revoked_at.is_(None))
-        .values(revoked_at=utcnow())
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    active = session.scalars(
+        select(ApiKey.id).where(ApiKey.prefix.startswith(prefix[: len(KEY_PREFIX) + 6]), ApiKey.revoked_at.is_(None))
+    ).all()
+    return revoke_keys(session, active)
 
 
 def has_active_key(session: Session) -> bool:
@@ -134,13 +149,20 @@ class IssuedSession:
     csrf_token: str
 
 
-def start_session(session: Session, user: User) -> IssuedSession:
+def start_session(session: Session, user: User, api_key: ApiKey | None = None) -> IssuedSession:
+    """A session for ``user``, logged in with ``api_key`` (it ends when the key is revoked) or, without
+    one, with a login link (it ends with the user, or when it expires)."""
     cookie = new_secret()
     csrf = secrets.token_urlsafe(24)
     now = utcnow()
     session.add(
         WebSession(
-            id_hash=digest(cookie), user_id=user.id, csrf_token=csrf, created_at=now, expires_at=now + SESSION_LIFETIME
+            id_hash=digest(cookie),
+            user_id=user.id,
+            api_key_id=api_key.id if api_key is not None else None,
+            csrf_token=csrf,
+            created_at=now,
+            expires_at=now + SESSION_LIFETIME,
         )
     )
     # Expired sessions are swept as new ones start: no background job needed.
@@ -155,6 +177,10 @@ def session_for_cookie(session: Session, cookie: str) -> tuple[User, WebSession]
     record = session.get(WebSession, digest(cookie))
     if record is None or _aware(record.expires_at) < utcnow():
         return None
+    if record.api_key_id is not None:  # revoke_keys ends these sessions; this also covers a key revoked by hand
+        key = session.get(ApiKey, record.api_key_id)
+        if key is None or key.revoked_at is not None:
+            return None
     user = session.get(User, record.user_id)
     return (user, record) if user is not None else None
 

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.tables import Dataset, Job, User
-from app.errors import ApiError, not_found
-from app.services.uploads import ReceivedUpload
+from app.domain_errors import Conflict, NotFound
+from app.services.uploads import INCOMING_DIR, ReceivedUpload
 from app.settings import Settings
 from app.storage import Storage
 from finetune.archive import ArchiveLimits, extract_zip
@@ -66,7 +66,7 @@ def check_upload(received: ReceivedUpload, temp: Path, settings: Settings) -> Ch
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         received.names.write(images)
-    shutil.rmtree(temp / "incoming", ignore_errors=True)
+    shutil.rmtree(temp / INCOMING_DIR, ignore_errors=True)
     dataset = load_dataset(
         images,
         options=DatasetOptions(max_pixels=settings.max_image_pixels),
@@ -130,7 +130,7 @@ def get_owned(session: Session, owner: User, dataset_id: str) -> Dataset:
     # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
     dataset = session.get(Dataset, dataset_id) if "\x00" not in dataset_id else None
     if dataset is None or (dataset.owner_id != owner.id and not owner.is_admin):
-        raise not_found("dataset", dataset_id)
+        raise NotFound("dataset", dataset_id)
     return dataset
 
 
@@ -154,7 +154,7 @@ def thumbnail(storage: Storage, dataset: Dataset, index: int) -> bytes:
     """A small JPEG of the index-th file (the path comes from our report, never from the request)."""
     files = full_report(storage, dataset).get("files", [])
     if not 0 <= index < len(files):
-        raise not_found("image", str(index))
+        raise NotFound("image", str(index))
     # "stored" is where a renamed file is ("path" is the user's name for it); older reports have only "path".
     path = dataset_images_root(storage, dataset) / files[index].get("stored", files[index]["path"])
     img = open_image(path)
@@ -170,8 +170,8 @@ def delete_dataset(session: Session, dataset: Dataset) -> str:
         select(func.count()).select_from(Job).where(Job.dataset_id == dataset.id, Job.status.in_(ACTIVE_JOB_STATUSES))
     )
     if active:
-        raise ApiError(
-            409, "in_use", f"dataset {dataset.id} is used by {active} queued or running job(s); cancel them first"
+        raise Conflict(
+            f"dataset {dataset.id} is used by {active} queued or running job(s); cancel them first", code="in_use"
         )
     key = dataset.storage_key
     session.delete(dataset)

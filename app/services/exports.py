@@ -14,7 +14,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.db.tables import Model
-from app.errors import ApiError
+from app.domain_errors import BadRequest, Conflict
+from app.services import models
 from app.storage import Storage
 from finetune.errors import CheckpointError, InputError
 from finetune.export import (
@@ -35,7 +36,7 @@ SUFFIXES = {"onnx": ".onnx", TORCHSCRIPT: ".torchscript.pt", ONNX_INT8: ".int8.o
 
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
-        raise ApiError(422, "bad_format", f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+        raise BadRequest(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}", code="bad_format")
     return fmt
 
 
@@ -46,15 +47,13 @@ def export_model(storage: Storage, model: Model, fmt: str) -> ExportResult:
     try:
         return export_run(run_dir, fmt)
     except ParityError as e:
-        raise ApiError(409, "export_parity_failed", str(e), details={"parity": e.parity}) from None
+        raise Conflict(str(e), code="export_parity_failed", details={"parity": e.parity}) from None
     except CheckpointError:
-        raise ApiError(
-            409, "model_unavailable", f"the files of model {model.id} are missing or incomplete on this server"
-        ) from None
+        raise models.unavailable(model.id) from None
     except ExportError as e:
-        raise ApiError(409, "export_failed", str(e)) from None
+        raise Conflict(str(e), code="export_failed") from None
     except InputError as e:  # ONNX packages missing on this server
-        raise ApiError(409, "export_unavailable", str(e)) from None
+        raise Conflict(str(e), code="export_unavailable") from None
 
 
 def download_name(model: Model, fmt: str) -> str:
@@ -98,15 +97,14 @@ def set_precision(session: Session, storage: Storage, model: Model, precision: s
     """Serve the model in ``precision``. int8 only once its accuracy change on the test split has been
     measured (and so could be seen): the owner turns it on knowing what it costs."""
     if precision not in PRECISIONS:
-        raise ApiError(422, "bad_precision", f"precision must be one of {', '.join(PRECISIONS)}")
+        raise BadRequest(f"precision must be one of {', '.join(PRECISIONS)}", code="bad_precision")
     if precision == "int8":
         entry = exports_info(storage, model).get(ONNX_INT8)
         if not entry or not entry.get("accepted"):
-            raise ApiError(
-                409,
-                "int8_not_measured",
+            raise Conflict(
                 f"measure the int8 model first: POST /api/v1/models/{model.id}/exports?format={ONNX_INT8} "
                 "(it reports the accuracy change on the test split), then turn it on",
+                code="int8_not_measured",
             )
     model.serving_precision = precision
     session.flush()

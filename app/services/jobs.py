@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.tables import FINISHED_STATUSES, Dataset, Job, JobMetric, Model, User, utcnow
-from app.errors import ApiError, not_found
+from app.domain_errors import Conflict, LimitReached, NotFound
 from app.settings import Settings
 from app.storage import Storage
 from finetune import weights as engine_weights
@@ -104,7 +104,7 @@ def create_job(session: Session, owner: User, dataset: Dataset, config: TrainCon
 
 
 def check_queue_room(session: Session, owner_id: str, settings: Settings) -> None:
-    """429 when the user ``owner_id`` already has as many queued jobs as a user may (0: no cap)."""
+    """``LimitReached`` when the user ``owner_id`` already has as many queued jobs as a user may (0: no cap)."""
     cap = settings.max_queued_jobs_per_user
     if cap <= 0:
         return
@@ -112,11 +112,10 @@ def check_queue_room(session: Session, owner_id: str, settings: Settings) -> Non
         select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status == "queued")
     )
     if queued is not None and queued >= cap:
-        raise ApiError(
-            429,
-            "too_many_queued_jobs",
+        raise LimitReached(
             f"{queued} jobs of this user are queued, the most allowed (max_queued_jobs_per_user = {cap}): "
             "wait for some to start, or cancel some",
+            code="too_many_queued_jobs",
             details={"queued": queued, "max_queued_jobs_per_user": cap},
         )
 
@@ -125,7 +124,7 @@ def get_owned(session: Session, owner: User, job_id: str) -> Job:
     # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
     job = session.get(Job, job_id) if "\x00" not in job_id else None
     if job is None or (job.owner_id != owner.id and not owner.is_admin):
-        raise not_found("job", job_id)
+        raise NotFound("job", job_id)
     return job
 
 
@@ -138,8 +137,15 @@ def list_owned(session: Session, owner: User, status: str | None = None) -> list
     return list(session.scalars(query))
 
 
-def metrics_of(session: Session, job_id: str) -> list[JobMetric]:
-    return list(session.scalars(select(JobMetric).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)))
+def metrics_of(session: Session, job_id: str, *, after_epoch: int = 0) -> list[JobMetric]:
+    query = select(JobMetric).where(JobMetric.job_id == job_id, JobMetric.epoch > after_epoch)
+    return list(session.scalars(query.order_by(JobMetric.epoch)))
+
+
+def metric_keys(session: Session, job_id: str) -> list[tuple[int, int]]:
+    """(epoch, attempt that trained it) of each epoch of the job's history, in order."""
+    query = select(JobMetric.epoch, JobMetric.attempt).where(JobMetric.job_id == job_id).order_by(JobMetric.epoch)
+    return [(int(epoch), int(attempt)) for epoch, attempt in session.execute(query)]
 
 
 def model_of(session: Session, job_id: str) -> Model | None:
@@ -154,7 +160,7 @@ def cancel(session: Session, job: Job) -> None:
         job.cancel_requested = True
         job.message = "cancelling..."
     else:
-        raise ApiError(409, "not_cancellable", f"job {job.id} is already {job.status}")
+        raise Conflict(f"job {job.id} is already {job.status}", code="not_cancellable")
     session.flush()
 
 
@@ -162,11 +168,11 @@ def resume(session: Session, storage: Storage, job: Job) -> bool:
     """Failed or cancelled -> queued again; it continues from its last checkpoint when there is one.
     Returns whether a checkpoint will be resumed from."""
     if job.status not in ("failed", "cancelled"):
-        raise ApiError(
-            409, "not_resumable", f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}"
+        raise Conflict(
+            f"only failed or cancelled jobs can be resumed; job {job.id} is {job.status}", code="not_resumable"
         )
     if job.dataset_id is None:
-        raise ApiError(409, "dataset_deleted", f"the dataset of job {job.id} was deleted; it cannot be resumed")
+        raise Conflict(f"the dataset of job {job.id} was deleted; it cannot be resumed", code="dataset_deleted")
     has_checkpoint = (storage.path(job.run_key) / "last").exists()
     job.status, job.cancel_requested, job.error, job.error_code = "queued", False, None, None
     job.finished_at, job.eta_seconds = None, None
@@ -181,7 +187,7 @@ def delete(session: Session, job: Job) -> str | None:
     """Delete a finished job's row; returns the run folder to remove after commit (None when a model
     still uses the files)."""
     if job.status not in FINISHED_STATUSES:
-        raise ApiError(409, "job_active", f"job {job.id} is {job.status}; cancel it first")
+        raise Conflict(f"job {job.id} is {job.status}; cancel it first", code="job_active")
     keep_files = model_of(session, job.id) is not None
     key = job.run_key
     session.delete(job)

@@ -1,8 +1,8 @@
 """Per-user rate limits: token buckets kept in this process's memory.
 
 Each (user, action) has a bucket of ``burst`` tokens refilled at ``per_minute`` a minute; a request takes
-one token or gets 429 with Retry-After. Several API processes each keep their own buckets, so the limit is
-per process: a bound on abuse, not an accounting system.
+one token or is refused (``LimitReached``: 429 with Retry-After). Several API processes each keep their own
+buckets, so the limit is per process: a bound on abuse, not an accounting system.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from app.errors import ApiError
+from app.domain_errors import LimitReached
 from app.settings import Settings
 
 
@@ -30,7 +30,7 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def take(self, key: str, what: str) -> None:
-        """Take one token for ``key`` or raise 429 saying when to retry."""
+        """Take one token for ``key`` or raise ``LimitReached`` saying when to retry."""
         if self.rate <= 0:
             return  # 0 disables the limit
         now = time.monotonic()
@@ -44,9 +44,7 @@ class RateLimiter:
                 bucket.tokens -= 1
                 return
             wait = math.ceil((1 - bucket.tokens) / self.rate)
-        raise ApiError(
-            429, "rate_limited", f"too many {what} requests; retry in {wait} s", headers={"Retry-After": str(wait)}
-        )
+        raise LimitReached(f"too many {what} requests; retry in {wait} s", retry_after=wait)
 
 
 @dataclass

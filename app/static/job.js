@@ -1,5 +1,6 @@
 // Live job page: progress, ETA and stage from the job's Server-Sent Events, loss and accuracy charts
-// (chart.js, served from node_modules) that gain a point per epoch, cancel and resume.
+// (chart.js, served from node_modules) that gain a point per epoch, cancel and resume. A "reset" event
+// (each connection's first, and whenever a resumed attempt rewrote the history) replaces every epoch shown.
 "use strict";
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -8,7 +9,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const FINISHED = new Set(["succeeded", "failed", "cancelled"]);
   const STATUS_LABELS = { queued: "Queued", running: "Running", succeeded: "Succeeded", failed: "Failed", cancelled: "Cancelled" };
   const $ = (id) => document.getElementById(id);
-  const metrics = new Map(); // epoch -> metric (a reconnect replays metrics; a resumed epoch replaces its row)
+  const metrics = new Map(); // epoch -> metric: exactly the job's current history
   let source = null;
   let current = initial;
 
@@ -52,8 +53,7 @@ document.addEventListener("DOMContentLoaded", () => {
   const lossChart = lineChart($("loss-chart"), "loss", false);
   const accChart = lineChart($("acc-chart"), "accuracy", true);
 
-  function redrawCharts() {
-    const sorted = [...metrics.values()].sort((a, b) => a.epoch - b.epoch);
+  function redrawCharts(sorted) {
     const labels = sorted.map((m) => m.epoch);
     for (const [chart, train, val] of [
       [lossChart, "train_loss", "val_loss"],
@@ -69,7 +69,7 @@ document.addEventListener("DOMContentLoaded", () => {
 
   // -- metrics table --------------------------------------------------------------------------------
   const tbody = $("metrics-table").querySelector("tbody");
-  function metricRow(m) {
+  function metricRow(m, best) {
     const td = (text, cls) => FT.el("td", { class: cls, text });
     return FT.el(
       "tr",
@@ -82,30 +82,28 @@ document.addEventListener("DOMContentLoaded", () => {
       td(FT.pct(m.val_acc), "num"),
       td(FT.num(m.lr), "num"),
       td(FT.seconds(m.epoch_time), "num"),
-      FT.el("td", {}, m.is_best ? FT.el("span", { class: "best", text: "best" }) : null),
+      FT.el("td", {}, best ? FT.el("span", { class: "best", text: "best" }) : null),
     );
+  }
+
+  function renderMetrics() {
+    const sorted = [...metrics.values()].sort((a, b) => a.epoch - b.epoch);
+    // Each improvement was "best" when it came; only the latest one still is.
+    const best = sorted.filter((m) => m.is_best).map((m) => m.epoch).pop();
+    tbody.replaceChildren(...sorted.map((m) => metricRow(m, m.epoch === best)));
+    $("no-metrics").hidden = sorted.length > 0;
+    redrawCharts(sorted);
   }
 
   function addMetric(m) {
     metrics.set(m.epoch, m);
-    const row = metricRow(m);
-    const existing = tbody.querySelector(`tr[data-epoch="${m.epoch}"]`);
-    if (existing) existing.replaceWith(row);
-    else {
-      const later = [...tbody.rows].find((r) => Number(r.dataset.epoch) > m.epoch);
-      tbody.insertBefore(row, later || null);
-    }
-    if (m.is_best) {
-      // only one epoch is "best" at a time
-      for (const r of tbody.querySelectorAll("tr")) {
-        if (Number(r.dataset.epoch) !== m.epoch) {
-          const badge = r.querySelector(".best");
-          if (badge) badge.remove();
-        }
-      }
-    }
-    $("no-metrics").hidden = true;
-    redrawCharts();
+    renderMetrics();
+  }
+
+  function resetMetrics(list) {
+    metrics.clear();
+    for (const m of list) metrics.set(m.epoch, m);
+    renderMetrics();
   }
 
   // -- job state ------------------------------------------------------------------------------------
@@ -154,6 +152,7 @@ document.addEventListener("DOMContentLoaded", () => {
       $("live-indicator").hidden = false;
     });
     source.addEventListener("job", (e) => renderJob(JSON.parse(e.data)));
+    source.addEventListener("reset", (e) => resetMetrics(JSON.parse(e.data).metrics));
     source.addEventListener("metric", (e) => addMetric(JSON.parse(e.data)));
     source.addEventListener("end", () => {
       source.close();
@@ -187,8 +186,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("resume-button").addEventListener("click", (e) => action("resume", e.currentTarget));
 
-  for (const m of initial.metrics || []) metrics.set(m.epoch, m);
-  redrawCharts();
+  resetMetrics(initial.metrics || []);
   renderJob(initial);
   if (!FINISHED.has(initial.status)) connect();
   window.jobPage = { lossChart, accChart, metrics, current: () => current };

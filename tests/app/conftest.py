@@ -310,6 +310,19 @@ def count_rows(settings: Settings, table: str) -> int:
         return int(conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one())
 
 
+def iter_events(response: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) for each Server-Sent Event of a streamed response, as it arrives (comments dropped)."""
+    event, data = "message", ""
+    for line in response.iter_lines():
+        if line.startswith("event: "):
+            event = line[len("event: ") :]
+        elif line.startswith("data: "):
+            data += line[len("data: ") :]
+        elif line == "" and data:
+            yield event, json.loads(data)
+            event, data = "message", ""
+
+
 def read_events(client: TestClient, job_id: str, timeout: float = 120) -> list[tuple[str, dict[str, Any]]]:
     """Read ``GET /jobs/{id}/events`` to its end: [(event, data), ...] (comments such as keep-alives dropped)."""
     events: list[tuple[str, dict[str, Any]]] = []
@@ -317,14 +330,19 @@ def read_events(client: TestClient, job_id: str, timeout: float = 120) -> list[t
     with client.stream("GET", f"/api/v1/jobs/{job_id}/events") as r:
         assert r.status_code == 200, r.read()
         assert r.headers["content-type"].startswith("text/event-stream")
-        event, data = "message", ""
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[len("event: ") :]
-            elif line.startswith("data: "):
-                data += line[len("data: ") :]
-            elif line == "" and data:
-                events.append((event, json.loads(data)))
-                event, data = "message", ""
+        for event in iter_events(r):
+            events.append(event)
             assert time.monotonic() < deadline, f"the event stream did not end within {timeout}s: {events[-3:]}"
     return events
+
+
+def metrics_held(events: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The epochs a client of the event stream holds after ``events``, as the job page keeps them: a ``reset``
+    replaces them all, a ``metric`` adds one."""
+    held: dict[int, dict[str, Any]] = {}
+    for kind, data in events:
+        if kind == "reset":
+            held = {m["epoch"]: m for m in data["metrics"]}
+        elif kind == "metric":
+            held[data["epoch"]] = data
+    return [held[epoch] for epoch in sorted(held)]

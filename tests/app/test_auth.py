@@ -17,17 +17,19 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
+from sqlalchemy.orm import Session as OrmSession
 
 from app import cli
 from app.api.deps import CSRF_HEADER, SESSION_COOKIE
 from app.cli import announce_first_login
 from app.db import session_scope
-from app.db.tables import ApiKey, LoginToken, User, WebSession, utcnow
+from app.db.tables import ApiKey, Dataset, Job, LoginToken, Model, User, WebSession, new_id, utcnow
 from app.main import API_PREFIX, create_app
 from app.pages.routes import CHART_JS_URL
 from app.services import auth
 from app.settings import Settings
+from app.storage import Storage
 from tests.app.conftest import (
     Account,
     assert_error,
@@ -373,6 +375,13 @@ def test_the_csrf_token_belongs_to_its_session(browser: tuple[TestClient, Accoun
         )
 
 
+def test_a_csrf_token_that_is_not_ascii_is_refused_not_a_crash(browser: tuple[TestClient, Account]) -> None:
+    """compare_digest refuses str with non-ASCII characters: this was a 500."""
+    c, _ = browser
+    for value in ("é".encode(), "токен".encode(), b"\xff" * 40, csrf_token_of(c).encode() + b"\xe9"):
+        assert_error(c.post("/api/v1/jobs", json={"dataset_id": "x"}, headers={CSRF_HEADER: value}), 403, "csrf")
+
+
 def test_bearer_requests_need_no_csrf_token(client: TestClient) -> None:
     dataset = upload_zip(client, dataset_files(per_class=4))
     assert client.delete(f"/api/v1/datasets/{dataset['id']}").status_code == 204
@@ -394,6 +403,74 @@ def test_logout_ends_the_session(browser: tuple[TestClient, Account], settings: 
     c.cookies.set(SESSION_COOKIE, cookie)
     assert c.get("/").status_code == 303
     assert_error(c.get("/api/v1/datasets"), 401, "unauthorized")
+
+
+def logged_in(app: FastAPI, *, key: str | None = None, link: str | None = None) -> TestClient:
+    c = TestClient(app, follow_redirects=False)
+    r = login(c, key) if key else c.get("/login", params={"token": link})
+    assert r.status_code == 303, r.text
+    return c
+
+
+def test_revoking_a_key_ends_the_sessions_made_with_it(app: FastAPI, settings: Settings) -> None:
+    """They lived on for their 7 days: a session did not know which key made it."""
+    first = make_account(settings, "two-keys")
+    with session_scope(settings.db_url) as s:
+        second = auth.issue_key(s, auth.get_user(s, "two-keys"), "second").key
+    with_first, with_second = logged_in(app, key=first.key), logged_in(app, key=second)
+    with_link = logged_in(app, link=new_link(settings, "two-keys"))
+    browsers = (with_first, with_second, with_link)
+    assert [b.get("/").status_code for b in browsers] == [200, 200, 200]
+    with session_scope(settings.db_url) as s:
+        assert auth.revoke_key(s, first.key[:9]) == 1
+    assert with_first.get("/").status_code == 303
+    assert_error(with_first.get("/api/v1/datasets"), 401, "unauthorized")
+    assert [b.get("/").status_code for b in browsers[1:]] == [200, 200]  # other keys' and the link's live on
+    with session_scope(settings.db_url) as s:
+        key_ids = {k.prefix: k.id for k in s.scalars(select(ApiKey))}
+        sessions = list(s.scalars(select(WebSession)))
+        assert sorted(str(w.api_key_id) for w in sessions) == sorted([key_ids[second[:9]], "None"])
+        # a key revoked some other way (by hand in the database) ends its sessions all the same
+        s.execute(update(ApiKey).where(ApiKey.id == key_ids[second[:9]]).values(revoked_at=utcnow()))
+    assert with_second.get("/").status_code == 303 and with_link.get("/").status_code == 200
+    for b in browsers:
+        b.close()
+
+
+@pytest.mark.parametrize("how", ["key", "link"])
+def test_login_commits_the_session_before_it_answers(
+    app: FastAPI, admin: Account, settings: Settings, how: str
+) -> None:
+    """The request's database session committed after the 303 had gone out: a browser following the redirect
+    at once could come back with a cookie the database did not know yet."""
+    order: list[str] = []
+
+    def before_flush(session: Any, *_: Any) -> None:
+        if any(isinstance(o, WebSession) for o in session.new):
+            session.info["new_web_session"] = True
+
+    def after_commit(session: Any) -> None:
+        if session.info.pop("new_web_session", False):
+            order.append("session row committed")
+
+    async def recorder(scope: Any, receive: Any, send: Any) -> None:
+        async def recorded(message: Any) -> None:
+            if message["type"] == "http.response.start" and scope.get("path") == "/login":
+                order.append(f"{message['status']} sent")
+            await send(message)
+
+        await app(scope, receive, recorded)
+
+    event.listen(OrmSession, "before_flush", before_flush)
+    event.listen(OrmSession, "after_commit", after_commit)
+    try:
+        with TestClient(recorder, follow_redirects=False) as c:
+            r = login(c, admin.key) if how == "key" else c.get("/login", params={"token": new_link(settings)})
+            assert r.status_code == 303
+    finally:
+        event.remove(OrmSession, "before_flush", before_flush)
+        event.remove(OrmSession, "after_commit", after_commit)
+    assert order == ["session row committed", "303 sent"]
 
 
 def test_an_expired_session_is_over(browser: tuple[TestClient, Account], settings: Settings) -> None:
@@ -515,6 +592,79 @@ def test_users_command(settings: Settings, app: FastAPI) -> None:
         assert_error(c.get("/api/v1/datasets", headers={"Authorization": f"Bearer {laptop_key}"}), 401)
     with session_scope(settings.db_url) as s:
         assert [u.name for u in s.scalars(select(User))] == ["root"]
+
+
+def add_job(settings: Settings, owner_id: str, dataset_id: str | None, status: str, *, model: bool = False) -> str:
+    """A job row (and its model) as the worker would leave them, with a file in its run folder."""
+    job_id = new_id()
+    run_key = Storage.run_key(job_id)
+    (settings.data_dir / run_key).mkdir(parents=True)
+    (settings.data_dir / run_key / "run.json").write_text("{}")
+    with session_scope(settings.db_url) as s:
+        job = Job(id=job_id, owner_id=owner_id, dataset_id=dataset_id, status=status, config={}, arch="lenet",
+                  weights="none", strategy="full", run_key=run_key)  # fmt: skip
+        s.add(job)
+        s.flush()
+        if model:
+            s.add(Model(owner_id=owner_id, job_id=job_id, name="m", arch="lenet", num_classes=2, classes=["a", "b"],
+                        evaluation={}, config={}, run_key=run_key))  # fmt: skip
+    return job_id
+
+
+def run_users(settings: Settings, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    return cli.main(["users", *args])
+
+
+def test_deleting_a_user_removes_everything_of_theirs(
+    app: FastAPI, admin: Account, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    """Rows went with the user (ON DELETE CASCADE) but the files stayed, and sessions lived on."""
+    leaving, staying = make_account(settings, "leaving"), make_account(settings, "staying")
+    with authed_client(app, leaving) as api:
+        gone = upload_zip(api, dataset_files(per_class=4))
+    with authed_client(app, staying) as api:
+        kept = upload_zip(api, dataset_files(per_class=4))
+    job_id = add_job(settings, leaving.user_id, gone["id"], "succeeded", model=True)
+    browsers = [logged_in(app, key=leaving.key), logged_in(app, link=new_link(settings, "leaving"))]
+    assert [b.get("/").status_code for b in browsers] == [200, 200]
+    data = settings.data_dir
+    assert (data / "datasets" / gone["id"]).is_dir() and (data / "runs" / job_id).is_dir()
+
+    assert run_users(settings, monkeypatch, "delete", "leaving") == 0
+    assert "deleted user 'leaving'" in capsys.readouterr().out
+    assert not (data / "datasets" / gone["id"]).exists() and not (data / "runs" / job_id).exists()
+    assert (data / "datasets" / kept["id"]).is_dir()
+    assert [b.get("/").status_code for b in browsers] == [303, 303]
+    with session_scope(settings.db_url) as s:
+        assert s.scalars(select(WebSession)).all() == []
+        assert {k.user_id for k in s.scalars(select(ApiKey))} == {admin.user_id, staying.user_id}
+        assert [d.id for d in s.scalars(select(Dataset))] == [kept["id"]]
+        assert s.scalars(select(Job)).all() == [] and s.scalars(select(Model)).all() == []
+    for b in browsers:
+        b.close()
+
+
+def test_a_user_with_running_jobs_is_not_deleted(
+    app: FastAPI, admin: Account, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    busy = make_account(settings, "busy")
+    with authed_client(app, busy) as api:
+        dataset = upload_zip(api, dataset_files(per_class=4))
+    queued = add_job(settings, busy.user_id, dataset["id"], "queued")
+    assert run_users(settings, monkeypatch, "delete", "busy") == 2
+    err = capsys.readouterr().err
+    assert "1 queued or running job(s)" in err and queued in err and "cancel them first" in err
+    # an admin's job running on the user's dataset holds it too
+    with session_scope(settings.db_url) as s:
+        s.execute(update(Job).where(Job.id == queued).values(status="cancelled"))
+    running = add_job(settings, admin.user_id, dataset["id"], "running")
+    assert run_users(settings, monkeypatch, "delete", "busy") == 2
+    assert running in capsys.readouterr().err
+    with session_scope(settings.db_url) as s:
+        assert auth.get_user(s, "busy") is not None and s.get(Dataset, dataset["id"]) is not None
+        assert auth.user_for_key(s, busy.key) is not None  # nothing revoked either
+    assert (settings.data_dir / "datasets" / dataset["id"]).is_dir()
 
 
 @pytest.mark.parametrize(

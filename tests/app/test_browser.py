@@ -1,6 +1,7 @@
 """The whole flow in a real browser: Debian's Chromium, driven by Playwright, against the real service
 (``python -m app.cli serve``: the API and a worker, on SQLite). Upload a folder through the form, start a
-job, watch the charts gain points live, open the model and get a prediction from the predict box."""
+job, watch the charts gain points live, open the model and get a prediction from the predict box. And a
+job whose process is killed, resumed from its page: the page then shows only the resumed attempt's epochs."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from app.db.migrate import upgrade
 from app.settings import Settings
-from tests.app.conftest import dataset_files, make_image, settings_env
+from tests.app.conftest import dataset_files, job_processes, make_image, settings_env, wait_until, zip_bytes
 
 pytestmark = pytest.mark.browser
 
@@ -211,3 +213,73 @@ def test_upload_train_watch_and_predict_in_the_browser(service: tuple[str, str],
             browser.close()
     assert not problems, problems
     assert not failed, failed
+
+
+def api_key(log: Path) -> str:
+    """The admin's API key, which serve prints once at first start."""
+    match = re.search(r"\b(ft_\S+)", log.read_text())
+    assert match, "serve did not print an API key at first start"
+    return match.group(1)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's Chromium is not installed (make browser-deps)")
+@pytest.mark.timeout(150)
+def test_a_resumed_job_page_shows_only_the_resumed_attempts_epochs(service: tuple[str, str], tmp_path: Path) -> None:
+    """A two-stage job is killed in its head stage (its checkpoint is written when the stage ends), so it
+    starts over when resumed from its page. The page showed the dead attempt's epochs; once the resumed job
+    has finished, its table and charts hold exactly the job's history, every epoch from attempt 2."""
+    from playwright.sync_api import expect, sync_playwright
+
+    base, login_link = service
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {api_key(tmp_path / 'service.log')}"})
+    r = api.post(
+        "/api/v1/datasets", files={"archive": ("d.zip", zip_bytes(dataset_files(per_class=10)))}, data={"name": "d"}
+    )
+    assert r.status_code == 201, r.text
+    settings = {"model": "lenet", "weights": "none", "image_size": 32, "batch_size": 8, "epochs": 1}
+    r = api.post(
+        "/api/v1/jobs", json={"dataset_id": r.json()["id"], **settings, "strategy": "two-stage", "head_epochs": 200}
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+
+    problems: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(20_000)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(login_link.replace("/login?", f"/login?next=%2Fjobs%2F{job_id}&"))
+            page.wait_for_url(re.compile(f"/jobs/{job_id}$"))
+
+            # Killed as soon as its first epoch is recorded: well inside its 200-epoch head stage.
+            wait_until(lambda: api.get(f"/api/v1/jobs/{job_id}").json()["metrics"], 90, "the first epoch", 0.01)
+            (pid,) = job_processes(job_id)
+            os.kill(pid, signal.SIGKILL)
+            expect(page.locator("#job-badge .badge")).to_have_text("Failed", timeout=30_000)
+            assert not (tmp_path / "data" / "runs" / job_id / "last").exists(), "the head stage ended before the kill"
+            dead = api.get(f"/api/v1/jobs/{job_id}").json()["metrics"]
+            expect(page.locator("#metrics-table tbody tr")).to_have_count(len(dead))
+
+            page.click("#resume-button")
+            expect(page.locator("#job-badge .badge")).to_have_text("Succeeded", timeout=90_000)
+            done = api.get(f"/api/v1/jobs/{job_id}").json()
+            assert done["attempt"] == 2 and {m["attempt"] for m in done["metrics"]} == {2}
+            epochs = [m["epoch"] for m in done["metrics"]]
+            assert epochs == list(range(1, 202))
+            shown = page.evaluate("() => [...window.jobPage.metrics.values()].sort((a, b) => a.epoch - b.epoch)")
+            assert shown == done["metrics"]
+            chart = "(id) => { const c = Chart.getChart(id); return [c.data.labels, ...c.data.datasets.map((d) => d.data)]; }"
+            assert page.evaluate(chart, "loss-chart") == [
+                epochs,
+                [m["train_loss"] for m in done["metrics"]],
+                [m["val_loss"] for m in done["metrics"]],
+            ]
+            assert page.evaluate(chart, "acc-chart")[0] == epochs
+            expect(page.locator("#metrics-table tbody tr")).to_have_count(len(epochs))
+            expect(page.locator("#metrics-table .best")).to_have_count(1)
+        finally:
+            browser.close()
+            api.close()
+    assert not problems, problems

@@ -139,6 +139,17 @@ def test_zip_with_a_wrapper_folder(client: TestClient) -> None:
     assert report["files"][0]["path"].split("/")[0] in ("blue", "green", "red")
 
 
+def test_a_zip_of_only_a_train_folder_gets_val_and_test_split_from_it(client: TestClient) -> None:
+    """It was read as one class named 'train' and refused ("found 1: ['train']")."""
+    ds = upload_zip(client, {f"train/{rel}": data for rel, data in dataset_files(per_class=10).items()})
+    assert ds["classes"] == ["blue", "green", "red"] and ds["report"]["root"] == "train"
+    assert ds["report"]["split"] == "stratified"
+    assert all(c == {"train": 8, "val": 1, "test": 1} for c in ds["report"]["counts"].values())
+    report = client.get(f"{API}/{ds['id']}/report").json()
+    assert {f["path"].split("/")[0] for f in report["files"]} == {"blue", "green", "red"}
+    assert client.get(ds["thumbnails"]["red"][0]).status_code == 200
+
+
 def test_explicit_split_and_unicode_class_names(client: TestClient) -> None:
     train = dataset_files(per_class=4, classes={"große Katze": (200, 40, 40), "chien noir": (20, 20, 20)})
     val = dataset_files(per_class=2, seed=5, classes={"große Katze": (200, 40, 40), "chien noir": (20, 20, 20)})
@@ -354,9 +365,9 @@ BAD_UPLOADS: dict[str, tuple[Callable[[], dict[str, Any]], int, str, str]] = {
     ),
     "multipart without a boundary": (
         lambda: {"content": b"--x--", "headers": {"content-type": "multipart/form-data"}},
-        415,
-        "unsupported_media_type",
-        "multipart",
+        400,
+        "bad_multipart",
+        "no boundary",
     ),
     "a malformed multipart body": (
         lambda: {"content": b"garbage", "headers": {"content-type": "multipart/form-data; boundary=abc"}},

@@ -73,7 +73,7 @@ def test_onnx_export_download_is_checked_and_loads_in_onnxruntime(client: TestCl
     page = client.get(f"/models/{model_id}").text
     assert "passed" in page and "Export and check" in page  # ONNX checked; TorchScript not made yet
 
-    assert_error(client.get(f"/api/v1/models/{model_id}/export?format=pickle"), 422, "bad_format")
+    assert_error(client.get(f"/api/v1/models/{model_id}/export?format=pickle"), 400, "bad_format")
     r = client.get(f"/api/v1/models/{model_id}/export?format=torchscript")
     assert r.status_code == 200 and r.headers["content-disposition"].endswith('.torchscript.pt"')
 

@@ -57,10 +57,12 @@ def settings(settings: Settings) -> Settings:
 
 
 class Guard:
-    """Snapshots of every place a request might write to, compared after each hostile request."""
+    """Snapshots of every place a request might write to, compared after each hostile request; and the log,
+    which must not show an unhandled error (a refusal is not the server's failure)."""
 
-    def __init__(self, client: TestClient, settings: Settings) -> None:
+    def __init__(self, client: TestClient, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
         self.client = client
+        self.caplog = caplog
         self.data = settings.data_dir
         self.around = settings.data_dir.parent  # the test's folder: data/ and the SQLite files live here
         self.canary = Path(tempfile.gettempdir()) / f"ft-canary-{uuid.uuid4().hex[:8]}.png"
@@ -81,9 +83,16 @@ class Guard:
         """``request()`` is answered ``status``/``code`` and leaves everything as it was (``cache``: new
         entries in the content-addressed pixel cache are allowed, for refusals that come after decoding)."""
         rows = count_rows(self.settings, "datasets")
-        inside, around = self.snapshot()
+        before = self.snapshot()
         error = assert_error(request(), status, code)
         assert words.lower() in error["message"].lower(), error
+        self.nothing_written(before, cache=cache)
+        assert count_rows(self.settings, "datasets") == rows
+        self.still_answers()
+        return error
+
+    def nothing_written(self, before: tuple[set[str], set[str]], *, cache: bool = False) -> None:
+        inside, around = before
         after_inside, after_around = self.snapshot()
         new = after_inside - inside
         if "tmp" in new and not any((self.data / "tmp").iterdir()):
@@ -94,20 +103,23 @@ class Guard:
         assert after_around == around, sorted(after_around ^ around)
         assert not self.canary.exists()
         assert not (self.around / "canary.png").exists() and not (self.around.parent / "canary.png").exists()
-        assert count_rows(self.settings, "datasets") == rows
-        self.still_answers()
-        return error
+
+    def no_unhandled_errors(self) -> None:
+        unhandled = [r.getMessage() for r in self.caplog.records if "unhandled error" in r.getMessage()]
+        assert unhandled == []
 
     def still_answers(self) -> None:
+        self.no_unhandled_errors()
         assert self.client.get("/healthz").status_code == 200
         assert self.client.get(API).status_code == 200
 
 
 @pytest.fixture
-def guard(client: TestClient, settings: Settings) -> Iterator[Guard]:
-    g = Guard(client, settings)
+def guard(client: TestClient, settings: Settings, caplog: pytest.LogCaptureFixture) -> Iterator[Guard]:
+    g = Guard(client, settings, caplog)
     yield g
     assert not g.canary.exists()
+    g.no_unhandled_errors()
 
 
 def archive(data: bytes, filename: str = "data.zip") -> Callable[[], dict[str, Any]]:
@@ -298,16 +310,17 @@ def test_nested_archives_are_skipped_never_opened(client: TestClient, settings: 
 
 def hostile_names() -> dict[str, bytes]:
     """Legal but hostile names: markup, control characters, bidi tricks, Windows device names, long and
-    decomposed Unicode; folder names that clean up to the same class."""
+    decomposed Unicode, surrounding spaces (each folder cleans up to a name of its own)."""
     pngs = iter(dataset_files(per_class=12).values())
     return {
         f"{XSS}/{XSS}.png": next(pngs),
         f"{XSS}/con.png": next(pngs),
         f"{XSS}/x\ny.png": next(pngs),
         f"{XSS}/évil\u202egnp.exe": next(pngs),
-        "cafe\u0301/a.png": next(pngs),  # NFD: the same class as the NFC one below
-        "café/b.png": next(pngs),
-        " café /c.png": next(pngs),
+        "cafe\u0301/a.png": next(pngs),  # NFD (as macOS writes names): stored as the NFC "café"
+        "cafe\u0301/b.png": next(pngs),
+        " padded /c.png": next(pngs),
+        " padded /d.png": next(pngs),
         f"{'long' * 40}/{'n' * 200}.png": next(pngs),
         f"{'long' * 40}/second.png": next(pngs),
         "tab\there/\t.png": next(pngs),
@@ -315,7 +328,7 @@ def hostile_names() -> dict[str, bytes]:
     }
 
 
-CLEAN_CLASSES = sorted([XSS, "café", ("long" * 40)[:100], "tabhere"])
+CLEAN_CLASSES = sorted([XSS, "café", "padded", ("long" * 40)[:100], "tabhere"])
 
 
 def check_stored_under_generated_names(
@@ -362,6 +375,28 @@ def test_folder_upload_files_are_stored_under_generated_names(client: TestClient
     files = hostile_names()
     ds = upload_ok(client, **files_form(files))
     check_stored_under_generated_names(client, settings, ds, files)
+
+
+CLASHES = {
+    "a zero-width joiner": (["cat", "ca\u200dt"], ["'cat'", "'ca\\u200dt'"]),
+    "NFC and NFD": (["café", "cafe\u0301"], ["'café'", "'cafe\\u0301'"]),
+    "a trailing space": (["dog", "dog "], ["'dog'", "'dog '"]),
+    "a 100-character prefix": (["p" * 100 + "1", "p" * 100 + "2"], ["p" * 100 + "1'", "p" * 100 + "2'"]),
+}
+
+
+@sqlite_only
+@pytest.mark.parametrize("case", list(CLASHES))
+def test_folders_that_clean_up_to_one_name_are_refused_never_merged(
+    client: TestClient, guard: Guard, case: str
+) -> None:
+    """They once became one class silently (cat, ca\u200dt, café twice, dog and 'dog ': 3 classes of 6)."""
+    folders, shown = CLASHES[case]
+    pngs = iter(dataset_files(per_class=4).values())
+    files = {f"{folder}/{i}.png": next(pngs) for folder in [*folders, "other"] for i in range(2)}
+    for form in (archive(zip_bytes(files)), lambda: files_form(files)):
+        error = guard.refused(post(client, form), 422, "folder_name_clash")
+        assert all(name in error["message"] for name in shown), error
 
 
 @sqlite_only
@@ -492,6 +527,139 @@ def test_predict_refuses_what_is_not_an_image_and_takes_odd_images(
     assert r.status_code == 200, r.text
     assert len(r.json()["predictions"]) == len(good)
     guard.still_answers()
+
+
+# -- 2. request bodies: what once answered 500 ---------------------------------------------------------------
+
+
+def overlong_utf8_zip() -> bytes:
+    """A name the zip flags as UTF-8 holding '/' as the overlong C0 AF: zipfile raised UnicodeDecodeError."""
+    data = zip_entries([*SMALL.items(), ("red/é.png", PNG)])  # é: Python sets the UTF-8 flag
+    assert data.count("é".encode()) == 2
+    return data.replace("é".encode(), b"\xc0\xaf")
+
+
+DEEP = "red/" + "a/" * 2000 + "x.png"  # mkdir failed: ENAMETOOLONG in a zip, RecursionError for `paths`
+
+
+def multipart(boundary: str, body: bytes) -> dict[str, Any]:
+    return {"content": body, "headers": {"content-type": f"multipart/form-data; boundary={boundary}"}}
+
+
+def form_body(boundary: str, field: str, filename: str, data: bytes, *, closed: bool = True) -> bytes:
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n\r\n'
+    return head.encode() + data + (f"\r\n--{boundary}--\r\n".encode() if closed else b"")
+
+
+@sqlite_only
+def test_the_former_500s_of_dataset_uploads_are_4xx(client: TestClient, guard: Guard) -> None:
+    long_boundary = "b" * 10_000
+    cases: list[tuple[str, Callable[[], dict[str, Any]], int, str, str]] = [
+        ("overlong UTF-8 names", archive(overlong_utf8_zip()), 422, "bad_dataset", "not valid UTF-8"),
+        ("a zip entry 2,000 folders deep", archive(zip_entries([*SMALL.items(), (DEEP, PNG)])), 422,
+         "unsafe_archive", "2002 levels deep, more than the limit of 32"),
+        ("a `paths` value 2,000 folders deep", lambda: files_form(SMALL, [*list(SMALL)[:-1], DEEP]), 400,
+         "unsafe_path", "file path 'red/a/a/a"),
+        ("a boundary of 10,000 characters", lambda: multipart(long_boundary, form_body(long_boundary, "archive",
+         "d.zip", zip_bytes(SMALL))), 400, "bad_multipart", "boundary is 10000 characters long; at most 70"),
+    ]  # fmt: skip
+    failures = []
+    for case, kwargs, status, code, words in cases:
+        try:
+            guard.refused(post(client, kwargs), status, code, words)
+        except AssertionError as e:
+            failures.append(f"{case}: {e}")
+    assert failures == []
+
+
+@sqlite_only
+def test_malformed_multipart_bodies_are_refused_alike_by_uploads_and_predict(
+    client: TestClient, trained_run: TrainedRun, guard: Guard
+) -> None:
+    """One reader serves both: an unclosed body was a 201 upload (and a refused predict); an empty boundary
+    was 'no files in the upload'; a 10,000-character one was a 500 on both."""
+    model_id = add_model(client, trained_run)
+    endpoints = {API: ("archive", zip_bytes(SMALL)), f"/api/v1/models/{model_id}/predict": ("images", PNG)}
+    failures = []
+    for url, (field, data) in endpoints.items():
+        cases = {
+            "unclosed": (multipart("XX", form_body("XX", field, "f", data, closed=False)), "closing boundary"),
+            "empty boundary": (multipart("", form_body("", field, "f", data)), "boundary= is empty"),
+            "long boundary": (multipart("b" * 10_000, form_body("b" * 10_000, field, "f", data)), "at most 70"),
+            "71 characters": (multipart("b" * 71, form_body("b" * 71, field, "f", data)), "at most 70"),
+            "no boundary": ({"content": data, "headers": {"content-type": "multipart/form-data"}}, "no boundary"),
+        }
+        for case, (kwargs, words) in cases.items():
+            try:
+                guard.refused(lambda url=url, kwargs=kwargs: client.post(url, **kwargs), 400, "bad_multipart", words)
+            except AssertionError as e:
+                failures.append(f"{url} {case}: {e}")
+        # the same bodies, well formed, are accepted: 70 characters is RFC 2046's maximum
+        ok = client.post(url, **multipart("b" * 70, form_body("b" * 70, field, "f.zip", data)))
+        assert ok.status_code in (200, 201), ok.text
+    assert failures == []
+
+
+def disconnect_mid_body(client: TestClient, url: str, content_type: str, first: bytes) -> list[dict[str, Any]]:
+    """POST ``first`` of a body declared 1 MB long, then the client goes away: what the app sends back."""
+    headers = [(k.lower().encode(), v.encode()) for k, v in client.headers.items()]
+    headers += [(b"content-type", content_type.encode()), (b"content-length", b"1000000")]
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": url, "raw_path": url.encode(), "query_string": b"", "root_path": "", "headers": headers,
+        "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "state": {},
+    }  # fmt: skip
+    messages = [{"type": "http.request", "body": first, "more_body": True}, {"type": "http.disconnect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if len(messages) > 1 else messages[0]
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    async def call() -> None:
+        await client.app(scope, receive, send)
+
+    assert client.portal is not None
+    client.portal.call(call)
+    return sent
+
+
+@sqlite_only
+def test_a_client_that_disconnects_mid_body_is_no_server_error(
+    client: TestClient, trained_run: TrainedRun, guard: Guard
+) -> None:
+    model_id = add_model(client, trained_run)
+    predict = f"/api/v1/models/{model_id}/predict"
+    raw_upload = ("application/zip", zip_bytes(SMALL)[:100])
+    form_upload = ("multipart/form-data; boundary=XX", form_body("XX", "archive", "d.zip", bytes(100), closed=False))
+    cases = {predict: [("image/png", PNG[:50]), ("multipart/form-data; boundary=XX", form_body("XX", "images",
+             "a.png", PNG[:50], closed=False))], API: [raw_upload, form_upload]}  # fmt: skip
+    for url, bodies in cases.items():
+        for content_type, first in bodies:
+            before = guard.snapshot()
+            sent = disconnect_mid_body(client, url, content_type, first)
+            statuses = [m["status"] for m in sent if m["type"] == "http.response.start"]
+            assert statuses in ([], [400]), (url, content_type, sent)
+            guard.nothing_written(before)
+            guard.still_answers()
+
+
+@sqlite_only
+def test_a_photo_with_a_page_appended_is_refused(client: TestClient, trained_run: TrainedRun, guard: Guard) -> None:
+    page = b"<!DOCTYPE html><html><script>alert(document.cookie)</script></html>"
+    noise = Image.frombytes("RGB", (64, 64), bytes(range(256)) * 48)
+    photo = encoded(noise, "JPEG", quality=95)
+    assert len(photo) > 1024  # the page comes after the first kilobyte, the only part that was looked at
+    photo += page
+    ds = upload_ok(client, **archive(zip_bytes({**SMALL, "red/photo.jpg": photo}))())
+    (skipped,) = ds["report"]["skipped"]
+    assert skipped["path"] == "red/photo.jpg" and "HTML or SVG document (a polyglot" in skipped["reason"]
+    model_id = add_model(client, trained_run)
+    url = f"/api/v1/models/{model_id}/predict"
+    error = guard.refused(lambda: client.post(url, files={"images": ("p.jpg", photo)}), 422, "bad_image", "polyglot")
+    assert error["details"]["index"] == 0
 
 
 # -- 3. weights: never a path from a client ------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,9 +14,19 @@ from sqlalchemy import update
 
 from app.db import session_scope
 from app.db.tables import Job
+from app.jobs.child import JobReporter
 from app.jobs.worker import execute_job
 from app.settings import Settings
-from tests.app.conftest import assert_error, count_rows, dataset_files, read_events, upload_zip
+from finetune.events import EpochEnd, RunStarted
+from tests.app.conftest import (
+    assert_error,
+    count_rows,
+    dataset_files,
+    iter_events,
+    metrics_held,
+    read_events,
+    upload_zip,
+)
 
 API = "/api/v1/jobs"
 TINY = {"model": "lenet", "weights": "none", "epochs": 2}
@@ -240,10 +252,62 @@ def test_events_of_a_finished_job(client: TestClient, dataset: dict) -> None:
     job = create(client, dataset)
     client.post(f"{API}/{job['id']}/cancel")
     events = read_events(client, job["id"], timeout=20)
-    assert [e for e, _ in events] == ["job", "end"]
-    assert events[0][1]["id"] == job["id"] and events[0][1]["status"] == "cancelled"
-    assert events[1][1] == {"id": job["id"], "status": "cancelled"}
+    assert [e for e, _ in events] == ["reset", "job", "end"]
+    assert events[0][1] == {"attempt": 0, "metrics": []}
+    assert events[1][1]["id"] == job["id"] and events[1][1]["status"] == "cancelled"
+    assert events[2][1] == {"id": job["id"], "status": "cancelled"}
     assert_error(client.get(f"{API}/nope/events"), 404, "not_found")
+
+
+def read_until(events: Iterator[tuple[str, dict[str, Any]]], kind: str) -> list[tuple[str, dict[str, Any]]]:
+    """The events up to and with the next one of ``kind`` (``job`` events may come between)."""
+    read = [next(events)]
+    while read[-1][0] != kind:
+        read.append(next(events))
+    return read
+
+
+def epoch_end(epoch: int, val_acc: float) -> EpochEnd:
+    return EpochEnd(epoch, 3, "finetune", 1.0 / epoch, val_acc, 1.0 / epoch, val_acc, 1e-3, 100.0, 1.0, 1.0, 2.0, True)
+
+
+def test_the_event_stream_replaces_the_epochs_a_resumed_attempt_dropped(
+    client: TestClient, dataset: dict, settings: Settings
+) -> None:
+    """Attempt 1 trained epochs 1-3 and died with its last checkpoint at epoch 1; attempt 2 resumes from it.
+    A client watching throughout is told to drop attempt 1's epochs 2-3 (a ``reset`` with the history that
+    remains), then gets attempt 2's epochs: what it ends up holding is exactly the job's history."""
+    job = create(client, dataset, epochs=3)
+    set_status(settings, job["id"], status="running", attempt=1)
+    first = JobReporter(settings, job["id"], 1)  # what the job processes write, as they write it
+    for epoch in (1, 2, 3):
+        first(epoch_end(epoch, val_acc=0.1))
+
+    with client.stream("GET", f"{API}/{job['id']}/events") as r:
+        events = iter_events(r)
+        seen = [next(events), next(events)]
+        assert [kind for kind, _ in seen] == ["reset", "job"]
+        assert [(m["epoch"], m["attempt"]) for m in seen[0][1]["metrics"]] == [(1, 1), (2, 1), (3, 1)]
+
+        set_status(settings, job["id"], attempt=2)  # claimed again; its process resumes from epoch 1
+        second = JobReporter(settings, job["id"], 2)
+        second(RunStarted("run", "lenet", "full", 3, 9, 3, 0, 3, "cpu", resumed_from_epoch=1))
+        seen += read_until(events, "reset")
+        assert seen[-1] == ("reset", {"attempt": 2, "metrics": seen[0][1]["metrics"][:1]})
+
+        second(epoch_end(2, val_acc=0.9))
+        seen += read_until(events, "metric")
+        assert (seen[-1][1]["epoch"], seen[-1][1]["attempt"]) == (2, 2)
+        second(epoch_end(3, val_acc=0.9))
+        set_status(settings, job["id"], status="succeeded")
+        seen += list(events)
+    assert seen[-1] == ("end", {"id": job["id"], "status": "succeeded"})
+    assert metrics_held(seen) == client.get(f"{API}/{job['id']}").json()["metrics"]
+    assert [(m["epoch"], m["attempt"], m["val_acc"]) for m in metrics_held(seen)] == [
+        (1, 1, 0.1),
+        (2, 2, 0.9),
+        (3, 2, 0.9),
+    ]
 
 
 def test_open_event_streams_do_not_hold_database_connections(client: TestClient, dataset: dict) -> None:

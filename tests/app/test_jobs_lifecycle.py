@@ -32,6 +32,7 @@ from tests.app.conftest import (
     drop_pg_database,
     fresh_pg_database,
     job_processes,
+    metrics_held,
     read_events,
     settings_env,
     sqlite_only,
@@ -118,11 +119,11 @@ def test_jobs_succeed_one_at_a_time_in_order_with_live_events(
     # the first job, live from the queue to its end
     events = read_events(client, job["id"])
     kinds = [kind for kind, _ in events]
-    assert kinds[0] == "job" and kinds[-1] == "end", kinds
-    assert set(kinds) == {"job", "metric", "end"}
+    assert kinds[0] == "reset" and kinds[-1] == "end", kinds
+    assert set(kinds) == {"reset", "job", "metric", "end"} and kinds.count("reset") == 1  # nothing rewritten
     assert events[-1][1] == {"id": job["id"], "status": "succeeded"}
-    metrics = [data for kind, data in events if kind == "metric"]
-    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    metrics = metrics_held(events)
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and {m["attempt"] for m in metrics} == {1}
     assert all(0 <= m["train_acc"] <= 1 and m["train_loss"] > 0 and m["stage"] == "finetune" for m in metrics)
     statuses = [data["status"] for kind, data in events if kind == "job"]
     assert statuses[-1] == "succeeded" and "running" in statuses
@@ -140,8 +141,8 @@ def test_jobs_succeed_one_at_a_time_in_order_with_live_events(
 
     # reconnecting to a finished job replays its metrics and ends
     replay = read_events(client, job["id"], timeout=20)
-    assert sorted(kind for kind, _ in replay[:-1]) == ["job", "metric", "metric", "metric"] and replay[-1][0] == "end"
-    assert [data["epoch"] for kind, data in replay if kind == "metric"] == [1, 2, 3]
+    assert [kind for kind, _ in replay] == ["reset", "job", "end"]
+    assert replay[0][1] == {"attempt": 1, "metrics": done["metrics"]}
 
     # one at a time: the second job started after the first ended
     b = wait_for_job(client, second["id"], FINISHED)
@@ -209,6 +210,39 @@ def test_a_killed_job_process_fails_the_job_which_can_be_resumed(
     assert client.post(f"{API}/{job['id']}/resume").status_code == 202
     done = wait_for_job(client, job["id"], FINISHED)
     assert_continued_from_checkpoint(settings, done, checkpoint, LONG)
+
+
+@sqlite_only
+def test_the_event_stream_of_a_resumed_job_drops_the_dead_attempts_epochs(
+    client: TestClient, dataset: dict, settings: Settings, worker: subprocess.Popen[bytes]
+) -> None:
+    """A two-stage job killed in its head stage (whose checkpoint is written when the stage ends) starts over
+    when resumed. Its event stream begins with the dead attempt's epochs, as the page showed them, then tells
+    the client to drop them; the client ends holding exactly the job's history, all of it from attempt 2."""
+    r = client.post(
+        API, json={"dataset_id": dataset["id"], **TINY, "strategy": "two-stage", "head_epochs": 200, "epochs": 1}
+    )
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    wait_until(lambda: metric_attempts(settings, job_id), 90, "the first head epoch", interval=0.01)
+    (pid,) = job_processes(job_id)
+    os.kill(pid, signal.SIGKILL)
+    failed = wait_for_job(client, job_id, FINISHED, timeout=30)
+    assert failed["status"] == "failed", failed
+    assert last_checkpoint_epoch(settings, job_id) is None, "the head stage ended before the kill"
+    dead = failed["metrics"]
+    assert dead and {m["attempt"] for m in dead} == {1}
+
+    assert client.post(f"{API}/{job_id}/resume").status_code == 202
+    events = read_events(client, job_id)
+    done = client.get(f"{API}/{job_id}").json()
+    assert done["status"] == "succeeded" and done["attempt"] == 2, done
+    assert [m["epoch"] for m in done["metrics"]] == list(range(1, 202))
+    assert {m["attempt"] for m in done["metrics"]} == {2}
+    resets = [data for kind, data in events if kind == "reset"]
+    assert resets[0]["metrics"] == dead  # where the page was when the stream started
+    assert len(resets) >= 2 and all(m["attempt"] == 2 for reset in resets[1:] for m in reset["metrics"]), resets
+    assert metrics_held(events) == done["metrics"]
 
 
 @sqlite_only

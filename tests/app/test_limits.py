@@ -7,7 +7,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.db.tables import new_id
-from app.errors import ApiError
+from app.domain_errors import LimitReached
+from app.errors import http_status
 from app.main import create_app
 from app.services import ratelimit
 from app.services.ratelimit import RateLimiter, RateLimits
@@ -77,19 +78,19 @@ def test_bucket_refills_at_its_rate(clock: Clock) -> None:
     limiter = RateLimiter(per_minute=60, burst=2)  # one a second, two at once
     limiter.take("u", "x")
     limiter.take("u", "x")
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(LimitReached) as refused:
         limiter.take("u", "x")
-    assert refused.value.status == 429 and refused.value.code == "rate_limited"
-    assert refused.value.headers == {"Retry-After": "1"}
+    assert http_status(refused.value) == 429 and refused.value.code == "rate_limited"
+    assert refused.value.retry_after == 1
     limiter.take("other", "x")  # buckets are per key
     clock.now += 1.0
     limiter.take("u", "x")
-    with pytest.raises(ApiError):
+    with pytest.raises(LimitReached):
         limiter.take("u", "x")
     clock.now += 3600
     for _ in range(2):  # refills up to the burst, no more
         limiter.take("u", "x")
-    with pytest.raises(ApiError):
+    with pytest.raises(LimitReached):
         limiter.take("u", "x")
 
 
@@ -104,9 +105,9 @@ def test_an_hourly_allowance_may_be_spent_at_once(clock: Clock) -> None:
     uploads = RateLimits.from_settings(Settings(rate_limit_uploads_per_hour=3)).uploads
     for _ in range(3):
         uploads.take("u", "upload")
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(LimitReached) as refused:
         uploads.take("u", "upload")
-    assert refused.value.headers == {"Retry-After": "1200"}  # one upload comes back every 20 minutes
+    assert refused.value.retry_after == 1200  # one upload comes back every 20 minutes
     clock.now += 1200
     uploads.take("u", "upload")
 

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from app.db import session_scope
 from app.db.tables import Model
 from app.settings import Settings
-from tests.app.conftest import dataset_files, read_events, upload_zip, wait_for_job
+from tests.app.conftest import dataset_files, metrics_held, read_events, upload_zip, wait_for_job
 
 
 @pytest.mark.parametrize("db_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True)
@@ -25,7 +25,7 @@ def test_upload_train_and_finish(client: TestClient, settings: Settings, worker:
     assert r.status_code == 202, r.text
     events = read_events(client, r.json()["id"])
     assert events[-1] == ("end", {"id": r.json()["id"], "status": "succeeded"})
-    assert [data["epoch"] for kind, data in events if kind == "metric"] == [1, 2, 3]
+    assert [m["epoch"] for m in metrics_held(events)] == [1, 2, 3]
     job = wait_for_job(client, r.json()["id"], ("succeeded", "failed", "cancelled"))
     assert job["status"] == "succeeded", job
     assert job["attempt"] == 1

@@ -7,6 +7,7 @@ Everything is built in a temporary folder at test time; no binary file is commit
 from __future__ import annotations
 
 import io
+import os
 import random
 import stat
 import struct
@@ -189,3 +190,62 @@ class StopWhen:
 
     def should_stop(self) -> bool:
         return self.raised
+
+
+class Killed(BaseException):
+    """A simulated kill -9. A BaseException, so no ``except Exception`` handler takes it for an error."""
+
+
+class FsKill:
+    """Records every change made under ``root`` (a new folder, a rename or replace, a new link, a removal),
+    in order. With ``at``, the process is "killed" just before change number ``at``: that change and every
+    later one, anywhere, raise ``Killed``, so nothing after it reaches the disk (cleanup handlers included),
+    as after a kill -9. Writes into new files are not counted: the code only ever writes into files and
+    folders nothing points at yet, and the changes counted are the ones that make them visible."""
+
+    OPS = ("mkdir", "rename", "replace", "symlink", "unlink", "rmdir")
+
+    def __init__(self, root: Path, at: int | None = None) -> None:
+        self.root = os.path.realpath(root)
+        self.at = at
+        self.steps: list[str] = []
+        self.killed = False
+        self._real: dict[str, Callable[..., Any]] = {}
+
+    def __enter__(self) -> FsKill:
+        for name in self.OPS:
+            self._real[name] = getattr(os, name)
+            setattr(os, name, self._wrap(name, self._real[name]))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, real in self._real.items():
+            setattr(os, name, real)
+
+    def _wrap(self, name: str, real: Callable[..., Any]) -> Callable[..., Any]:
+        def op(*args: Any, **kwargs: Any) -> Any:
+            paths = self._paths(name, args, kwargs)
+            ours = any(p == self.root or p.startswith(self.root + os.sep) for p in paths)
+            if self.killed or (ours and self.at is not None and len(self.steps) == self.at):
+                self.killed = True
+                raise Killed(f"killed before {name} {' '.join(paths)}")
+            result = real(*args, **kwargs)
+            if ours:  # counted once done: a call that fails (an existing folder) changed nothing
+                self.steps.append(f"{name} {' '.join(paths)}")
+            return result
+
+        return op
+
+    @staticmethod
+    def _paths(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+        def full(path: Any, dir_fd: int | None) -> str:
+            base = os.readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else os.getcwd()
+            where = os.path.normpath(os.path.join(base, os.fsdecode(path)))
+            # The folder resolved, not the name itself (which may be a link: "last", "best").
+            return os.path.join(os.path.realpath(os.path.dirname(where)), os.path.basename(where))
+
+        if name in ("rename", "replace"):
+            return [full(args[0], kwargs.get("src_dir_fd")), full(args[1], kwargs.get("dst_dir_fd"))]
+        if name == "symlink":  # the first argument is the link's content, not a path acted on
+            return [full(args[1], kwargs.get("dir_fd"))]
+        return [full(args[0], kwargs.get("dir_fd"))]

@@ -160,3 +160,26 @@ def test_extracted_files_are_regular_files(tmp_path: Path) -> None:
     target = out / "red" / "a.png"
     assert target.is_file() and not target.is_symlink()
     assert target.stat().st_mode & 0o111 == 0  # permission bits are not copied from the zip
+
+
+def test_paths_too_deep_or_too_long_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A 2,000-folder entry once crashed mkdir (file name too long; recursion in pathlib)."""
+    (a,) = distinct_pngs(1)
+    deep = write_zip(tmp_path / "deep.zip", [("red/ok.png", a), ("a/" * 2000 + "x.png", a)])
+    _extract_fails(deep, tmp_path / "o1", UnsafeArchiveError, "2001 levels deep, more than the limit of 32")
+    long = write_zip(tmp_path / "long.zip", [("red/ok.png", a), ("/".join(["n" * 200] * 6) + ".png", a)])
+    _extract_fails(long, tmp_path / "o2", UnsafeArchiveError, "longer than the limit of 1024")
+    # the limits are the archive's to set, and a path within them is extracted as usual
+    nested = write_zip(tmp_path / "nested.zip", [("red/" + "d/" * 30 + "x.png", a)])
+    _extract_fails(nested, tmp_path / "o3", UnsafeArchiveError, "levels deep", max_depth=8)
+    assert (extract_zip(nested, tmp_path / "ok") / "red").is_dir()
+
+
+def test_entry_names_that_are_not_utf8_despite_the_flag_are_a_dataset_error(tmp_path: Path) -> None:
+    """Overlong UTF-8 ('/' as C0 AF) in a name the zip flags as UTF-8: zipfile raises UnicodeDecodeError."""
+    (a,) = distinct_pngs(1)
+    archive = write_zip(tmp_path / "utf8.zip", [("red/ok.png", a), ("red/é.png", a)])  # é sets the UTF-8 flag
+    data = archive.read_bytes()
+    assert data.count("é".encode()) == 2  # the local and the central header
+    archive.write_bytes(data.replace("é".encode(), b"\xc0\xaf"))
+    _extract_fails(archive, tmp_path / "out", DatasetError, "not valid UTF-8")

@@ -234,3 +234,16 @@ def test_weights_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     code, _, err = run_cli(capsys, "weights", "fetch", "resnet18", "--dir", str(folder), "--url", fake.as_uri())
     assert code == EXIT_BAD_INPUT and "failed its hash check" in err
     assert list(folder.iterdir()) == []
+
+
+def test_class_folders_that_clean_up_to_one_name_exit_2_naming_both(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The service refuses these folders (it stores names cleaned); the CLI refuses them the same way."""
+    pngs = iter(distinct_pngs(6))
+    for folder in ("cat", "ca\u200dt", "dog"):
+        (tmp_path / "d" / folder).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "d" / folder / f"{i}.png").write_bytes(next(pngs))
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "d"), "--cache-dir", str(tmp_path / "cache"))
+    assert code == EXIT_BAD_INPUT and "'cat'" in err and "'ca\\u200dt'" in err and "would become one" in err

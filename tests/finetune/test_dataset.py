@@ -14,7 +14,7 @@ from PIL import Image
 
 from finetune.archive import ArchiveLimits
 from finetune.dataset import Dataset, DatasetOptions, load_dataset
-from finetune.errors import ConfigError, DatasetError, UnsafeArchiveError
+from finetune.errors import ConfigError, DatasetError, FolderNameClashError, UnsafeArchiveError
 from finetune.pixelcache import PixelCache
 
 from .helpers import (
@@ -461,3 +461,22 @@ def test_train_and_test_folders_without_val_take_val_from_train(tmp_path: Path) 
         assert counts[cls]["train"] + counts[cls]["val"] == 10
     assert all(s.path.startswith("test/") for s in ds.split("test"))
     assert all(s.path.startswith("train/") for s in ds.split("val"))
+
+
+def test_a_lone_train_folder_is_split_into_train_val_and_test(tmp_path: Path) -> None:
+    """A zip of only ``train/<class>/...`` once read as one class named 'train' and was refused."""
+    pngs = iter(distinct_pngs(20))
+    files = {f"train/{cls}/{i}.png": next(pngs) for cls in ("cat", "dog") for i in range(10)}
+    for source in (build(tmp_path / "plain", files), write_zip(tmp_path / "t.zip", list(files.items()))):
+        ds = load_dataset(source, extract_dir=tmp_path / "extracted")
+        assert ds.classes == ["cat", "dog"] and ds.root.name == "train"
+        counts = ds.counts()
+        assert all(c["train"] == 8 and c["val"] == 1 and c["test"] == 1 for c in counts.values()), counts
+        assert ds.report()["split"] == "stratified"
+
+
+def test_two_folders_for_one_split_are_refused(tmp_path: Path) -> None:
+    pngs = iter(distinct_pngs(12))
+    files = {f"{split}/{c}/{i}.png": next(pngs) for split in ("train", "Training", "val") for c in "ab" for i in (0, 1)}
+    with pytest.raises(FolderNameClashError, match="the folders 'Training', 'train' all hold the train split"):
+        load(build(tmp_path / "d", files))

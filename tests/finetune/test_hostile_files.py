@@ -29,7 +29,7 @@ from finetune.archive import (
     read_names,
 )
 from finetune.dataset import load_dataset
-from finetune.errors import DatasetError, ImageError, UnsafeArchiveError, WeightsError
+from finetune.errors import DatasetError, FolderNameClashError, ImageError, UnsafeArchiveError, WeightsError
 from finetune.images import decode_for_size, open_image, to_rgb
 from finetune.models import LeNet, build_model
 from finetune.pixelcache import PixelCache
@@ -114,8 +114,8 @@ def test_stored_names_never_use_the_users_file_names(tmp_path: Path) -> None:
         "red/con.png",
         "red/x\ny.png",
         "blue/évil\u202egnp.exe",
-        "cafe\u0301/a.png",  # decomposed é: the same class as the next one once normalised
-        "café/b.png",
+        "cafe\u0301/a.png",  # decomposed é (as macOS writes it): stored as the composed "café"
+        "cafe\u0301/b.png",
     ]
     archive = write_zip(tmp_path / "a.zip", list(zip(users, pngs, strict=True)))
     names = StoredNames()
@@ -126,6 +126,34 @@ def test_stored_names_never_use_the_users_file_names(tmp_path: Path) -> None:
     assert {names.originals[s] for s in stored} == set(users)
     for s in stored:  # each file is the user's file it claims to be
         assert (out / s).read_bytes() == pngs[users.index(names.originals[s])]
+
+
+@pytest.mark.parametrize(
+    ("folders", "shown"),
+    [
+        (["cat", "ca\u200dt"], ["'ca\\u200dt'", "'cat'"]),  # a zero-width joiner
+        (["café", "cafe\u0301"], ["'café'", "'cafe\\u0301'"]),  # NFC and NFD, told apart in the message
+        (["dog", "dog "], ["'dog'", "'dog '"]),
+        (["x" * 100 + "a", "x" * 100 + "b"], ["'" + "x" * 100 + "a'", "'" + "x" * 100 + "b'"]),  # the 100-char cap
+        (["train/cat", "train/ca\u200dt"], ["'ca\\u200dt'", "'cat'"]),  # below a split folder too
+    ],
+)
+def test_folders_that_clean_up_to_one_name_are_refused_naming_both(
+    tmp_path: Path, folders: list[str], shown: list[str]
+) -> None:
+    pngs = iter(distinct_pngs(2 * len(folders)))
+    entries = [(f"{folder}/{i}.png", next(pngs)) for folder in folders for i in range(2)]
+    archive = write_zip(tmp_path / "a.zip", entries)
+    with pytest.raises(FolderNameClashError) as caught:
+        extract_zip(archive, tmp_path / "out", rename=StoredNames())
+    message = str(caught.value)
+    assert all(name in message for name in shown), message
+    assert not (tmp_path / "out").exists()
+    # the engine on the same folders as they are on disk (the CLI): the same refusal, the same names
+    extract_zip(archive, tmp_path / "plain")
+    with pytest.raises(FolderNameClashError) as again:
+        load_dataset(tmp_path / "plain")
+    assert all(name in str(again.value) for name in shown), str(again.value)
 
 
 @pytest.mark.parametrize(

@@ -169,3 +169,32 @@ def test_exif_rotated_photo_reports_its_displayed_size() -> None:
     data = image_bytes(solid((10, 200, 10), (60, 30)), "JPEG", exif=exif.tobytes())
     _, original = decode_for_size(data, 16)
     assert original == (30, 60)
+
+
+PAGE = b"<!DOCTYPE html><html><body><script>alert(document.cookie)</script></body></html>"
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP"])
+def test_an_html_page_appended_to_an_image_is_a_polyglot(fmt: str) -> None:
+    """The first kilobyte was all that was looked at: a photo with a page after its end passed."""
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    data = image_bytes(noise, fmt)
+    open_image(data)  # the image alone is fine
+    for trailer in (PAGE, b"\n" * 5000 + b"<svg onload=alert(1)>", b"<SCRIPT src=//evil>"):
+        with pytest.raises(ImageError, match="HTML or SVG document"):
+            open_image(data + trailer)
+
+
+def test_what_else_may_follow_an_image_is_kept() -> None:
+    """Phones append data after a JPEG's end (a second, compressed image; vendor trailers), and an EXIF
+    thumbnail carries its own end marker inside the first image: none of that is a page."""
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    thumb = image_bytes(solid((9, 9, 9), (16, 16)), "JPEG")
+    # inside the image's own metadata, past the first kilobyte: the image's business, not a page after it
+    data = image_bytes(photo, "JPEG", comment=b"x" * 2000 + b"<html> " + thumb)
+    assert len(data) > 2048 and thumb[-2:] in data[:-2]  # an end marker before the real end
+    second = image_bytes(Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)), "JPEG")
+    for whole in (data, data + second, data + b"SEFH" + bytes(64) + b"vendor trailer"):
+        assert open_image(whole).size == (64, 48)

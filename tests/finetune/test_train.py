@@ -264,7 +264,7 @@ def test_failing_safetensors_write_leaves_last_intact(tmp_path: Path, monkeypatc
 
     state = {"w": torch.arange(4.0)}
     meta = {"format_version": FORMAT_VERSION, "epoch": 1}
-    save_checkpoint(tmp_path, 1, state, {**meta, "epoch": 1}, None, is_best=True)
+    save_checkpoint(tmp_path, 1, state, {**meta, "epoch": 1}, None, best_epoch=1)
 
     def torn(tensors: dict[str, torch.Tensor], filename: str, metadata: Any = None) -> None:
         Path(filename).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{")  # a torn header
@@ -272,7 +272,7 @@ def test_failing_safetensors_write_leaves_last_intact(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(safetensors.torch, "save_file", torn)
     with pytest.raises(OSError, match="Input/output error"):
-        save_checkpoint(tmp_path, 2, {"w": torch.zeros(4)}, {**meta, "epoch": 2}, None, is_best=True)
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(4)}, {**meta, "epoch": 2}, None, best_epoch=2)
     for which in ("last", "best"):
         ckpt = load_checkpoint(tmp_path, which)
         assert ckpt.epoch == 1 and torch.equal(ckpt.state_dict()["w"], state["w"])

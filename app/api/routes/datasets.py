@@ -10,11 +10,11 @@ from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
+from app.api.bodies import read_dataset_upload
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from app.api.types import UtcDateTime
 from app.db.tables import Dataset
 from app.services import datasets as svc
-from app.services.uploads import UploadLimits, receive_upload
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -92,9 +92,7 @@ async def create_dataset(
     request.app.state.rate_limits.uploads.take(user.id, "upload")  # before a byte of the body is read
     temp = storage.new_temp_dir("upload")
     try:
-        received = await receive_upload(
-            request, temp, UploadLimits(settings.max_upload_bytes, settings.max_upload_files)
-        )
+        received = await read_dataset_upload(request, temp, settings.max_upload_bytes, settings.max_upload_files)
         checked = await run_in_threadpool(svc.check_upload, received, temp, settings)
         name = clean_name(received.name) or f"dataset {datetime.now():%Y-%m-%d %H:%M}"
         dataset = svc.store_dataset(session, storage, user, name, "zip" if received.archive else "files", checked)

@@ -26,6 +26,7 @@ SSE_KEEPALIVE_SECONDS = 15.0
 
 class MetricOut(BaseModel):
     epoch: int
+    attempt: int  # the attempt that trained this epoch
     stage: str
     train_loss: float
     train_acc: float
@@ -66,6 +67,7 @@ class JobOut(BaseModel):
 def metric_out(m: JobMetric) -> MetricOut:
     return MetricOut(
         epoch=m.epoch,
+        attempt=m.attempt,
         stage=m.stage,
         train_loss=m.train_loss,
         train_acc=m.train_acc,
@@ -184,8 +186,11 @@ def delete_job(job_id: str, session: SessionDep, storage: StorageDep, user: Curr
     "/{job_id}/events",
     summary="Live progress as Server-Sent Events",
     response_class=StreamingResponse,
-    description="Events: `job` (the job without metrics, whenever it changes), `metric` (one per finished "
-    "epoch, earlier epochs first), `end` (the job finished). Reconnecting replays metrics.",
+    description="Events: `reset` (first, and again whenever the epoch history is rewritten: a new attempt "
+    "resumed from an earlier checkpoint and dropped the dead attempt's later epochs; carries the job's "
+    "`attempt` and every current epoch as `metrics`, which replace all a client holds), `metric` (one per "
+    "newly finished epoch), `job` (the job without metrics, whenever it changes), `end` (the job finished). "
+    "Every metric carries the attempt that trained it. A reconnect starts again with a `reset`.",
     responses={200: {"content": {"text/event-stream": {}}}},
 )
 async def job_events(job_id: str, request: Request, session: SessionDep, user: CurrentUser) -> StreamingResponse:
@@ -195,28 +200,39 @@ async def job_events(job_id: str, request: Request, session: SessionDep, user: C
     session.close()
     sessions = request.app.state.sessions
 
-    def snapshot(after_epoch: int) -> tuple[JobOut, list[MetricOut]]:
+    def snapshot(held: list[tuple[int, int]] | None) -> tuple[JobOut, bool, list[MetricOut]]:
+        """The job; whether the client must drop what it holds (``held``: the (epoch, attempt) of each metric
+        it has); and the metrics to send: all of them after a reset, else the epochs after its last."""
         with sessions() as s:
             job = s.get(Job, job_id)
             if job is None:
                 raise LookupError(job_id)
             model = svc.model_of(s, job_id)
-            metrics = [metric_out(m) for m in svc.metrics_of(s, job_id) if m.epoch > after_epoch]
-            return job_out(job, model_id=model.id if model else None), metrics
+            # Only the keys of the whole history are compared at each poll, not the whole rows.
+            reset = held is None or svc.metric_keys(s, job_id)[: len(held)] != held
+            after = 0 if reset or not held else held[-1][0]
+            metrics = [metric_out(m) for m in svc.metrics_of(s, job_id, after_epoch=after)]
+            return job_out(job, model_id=model.id if model else None), reset, metrics
 
     async def stream() -> AsyncIterator[str]:
         last_job: str | None = None
-        last_epoch = 0
+        held: list[tuple[int, int]] | None = None  # (epoch, attempt) of each metric the client holds
         idle = 0.0
         while not await request.is_disconnected():
             try:
-                job, metrics = await run_in_threadpool(snapshot, last_epoch)
+                job, reset, metrics = await run_in_threadpool(snapshot, held)
             except LookupError:
                 yield _sse("end", {"id": job_id, "status": "deleted"})
                 return
-            for m in metrics:
-                yield _sse("metric", m.model_dump())
-                last_epoch = max(last_epoch, m.epoch)
+            if reset:
+                # The first answer, or a history the client must drop part of: the epochs after the checkpoint
+                # a new attempt resumed from are gone, or trained again by it.
+                held = []
+                yield _sse("reset", {"attempt": job.attempt, "metrics": [m.model_dump() for m in metrics]})
+            else:
+                for m in metrics:
+                    yield _sse("metric", m.model_dump())
+            held = (held or []) + [(m.epoch, m.attempt) for m in metrics]
             payload = job.model_dump_json()
             if payload != last_job:
                 last_job = payload

@@ -296,7 +296,7 @@ def download_model(model_id: str, session: SessionDep, storage: StorageDep, user
         svc.write_bundle(files, temp / BUNDLE_NAME)
     except FileNotFoundError:  # the checkpoint was removed while we packed it
         shutil.rmtree(temp, ignore_errors=True)
-        raise svc.unavailable(model) from None
+        raise svc.unavailable(model.id) from None
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         raise

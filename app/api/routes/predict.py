@@ -18,9 +18,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
 
+from app.api import bodies
 from app.api.deps import PredictUser
 from app.db.tables import Model
-from app.errors import ApiError, not_found
+from app.domain_errors import NotFound
+from app.errors import ApiError
 from app.services import models as svc
 from app.services.keycache import ModelRef, PredictLookups, Principal
 from app.serving.cache import ModelCache
@@ -71,7 +73,7 @@ _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
                         "required": ["images"],
                     }
                 },
-                **{t: {"schema": _IMAGE_SCHEMA} for t in sorted(svc.RAW_IMAGE_TYPES) if t != "image/jpg"},
+                **{t: {"schema": _IMAGE_SCHEMA} for t in sorted(bodies.RAW_IMAGE_TYPES) if t != "image/jpg"},
             },
             "required": True,
         }
@@ -87,15 +89,13 @@ async def predict(
     settings: Settings = state.settings
     request.app.state.rate_limits.predict.take(user.id, "predict")
     ref = await model_ref(state.predict_lookups, state.sessions, user, model_id)
-    images = await _receive(request, settings)
+    images = await bodies.read_images(request, settings.max_predict_bytes, settings.max_predict_images)
     cache: ModelCache = state.model_cache
     storage: Storage = state.storage
     try:
         loaded = await cache.get(model_id, storage.path(ref.run_key), ref.serving_precision)
     except CheckpointError:
-        raise ApiError(
-            409, "model_unavailable", f"the files of model {model_id} are missing or incomplete on this server"
-        ) from None
+        raise svc.unavailable(model_id) from None
     predictor = loaded.predictor
     results = await asyncio.gather(
         *(run_in_threadpool(_preprocess, predictor, image, i) for i, image in enumerate(images)),
@@ -124,39 +124,17 @@ async def model_ref(lookups: PredictLookups, sessions: Any, user: Principal, mod
                 # No id holds a NUL, and PostgreSQL refuses one in a query parameter.
                 row = session.get(Model, model_id) if "\x00" not in model_id else None
                 if row is None:
-                    raise not_found("model", model_id)
+                    raise NotFound("model", model_id)
                 return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision)
 
         ref = await run_in_threadpool(read)
         lookups.models.put(model_id, ref)
     if ref.owner_id != user.id and not user.is_admin:
-        raise not_found("model", model_id)
+        raise NotFound("model", model_id)
     return ref
 
 
-async def _receive(request: Request, settings: Settings) -> list[svc.ReceivedImage]:
-    """The request's images. A raw image body (the fast path: one image, no multipart parsing) is read
-    here, counting as it arrives; a multipart form goes to the service's reader."""
-    mime = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if mime not in svc.RAW_IMAGE_TYPES:
-        return await svc.receive_images(request, settings.max_predict_bytes, settings.max_predict_images)
-    limit = settings.max_predict_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise svc.too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise svc.too_large(limit)
-        chunks.append(chunk)
-    if not size:
-        raise svc.no_images()
-    return [svc.ReceivedImage(chunks[0] if len(chunks) == 1 else b"".join(chunks))]
-
-
-def _preprocess(predictor: Predictor, image: svc.ReceivedImage, index: int) -> np.ndarray:
+def _preprocess(predictor: Predictor, image: bodies.ReceivedImage, index: int) -> np.ndarray:
     try:
         return predictor.preprocess(image.data)
     except ImageError as e:
