@@ -5,8 +5,8 @@ first starts a loading task and the others await the same task. Forward passes r
 thread for all models: on a CPU one forward already uses every core (more at once would only contend),
 and on one GPU they serialise anyway. Decoding and cropping stay on the shared threadpool.
 
-A model answers at once with PyTorch (channels-last); meanwhile, on a low-priority thread, its runtime is
-chosen (``finetune.serving``: the ONNX export made and parity-checked if needed, then PyTorch eager,
+A model answers at once with PyTorch (channels-last); after its first answer, on a low-priority thread, its
+runtime is chosen (``finetune.serving``: the ONNX export made and parity-checked if needed, then PyTorch eager,
 channels-last, torch.compile when enabled and ONNX Runtime measured on the forward thread, where nothing
 competes with the measurement) and the batcher switches to the winner. The choice is recorded in the run
 folder, so the next process on the same kind of host reuses it without measuring.
@@ -100,8 +100,14 @@ class LoadedModel:
     choice: Choice | None = None
     preparing: asyncio.Task[None] | None = field(default=None, repr=False)
 
+    on_first_answer: Callable[[LoadedModel], asyncio.Task[None]] | None = field(default=None, repr=False)
+
     async def probabilities(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
-        return await self.batcher.submit(arrays)
+        probs = await self.batcher.submit(arrays)
+        if self.preparing is None and self.on_first_answer is not None:
+            # Only once the model has answered: a refused request (a bad image) leaves nothing in the run folder.
+            self.preparing = self.on_first_answer(self)
+        return probs
 
     def use(self, choice: Choice, capacity: int) -> None:
         """Switch to ``choice`` (the batcher picks it up at its next forward pass)."""
@@ -206,7 +212,7 @@ class ModelCache:
             await entry.batcher.close()  # still answers the requests that were waiting, one by one
             return entry
         self._entries[model_id] = entry
-        entry.preparing = asyncio.get_running_loop().create_task(self._choose_runtime(entry, run_dir))
+        entry.on_first_answer = lambda e: asyncio.get_running_loop().create_task(self._choose_runtime(e, run_dir))
         if self.on_load is not None:
             self.on_load()
         while len(self._entries) > self.capacity:

@@ -45,5 +45,5 @@ def make_run(root: Path, arch: str, *, per_split: int = 6, seed: int = 0, image_
         "transform_input": built.transform_input,
         "epoch": 1,
     }
-    save_checkpoint(root, 1, contiguous_state(built.model), meta, None, is_best=True)
+    save_checkpoint(root, 1, contiguous_state(built.model), meta, None, best_epoch=1)
     return root
