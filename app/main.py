@@ -18,6 +18,7 @@ from app.observability import Metrics, MetricsMiddleware
 from app.pages import routes as pages
 from app.security import check_dependencies
 from app.services.dataset_checks import DatasetChecks
+from app.services.keycache import PredictLookups
 from app.services.ratelimit import RateLimits
 from app.serving.cache import ModelCache
 from app.settings import Settings, get_settings
@@ -62,6 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.pixel_store = open_store(settings.cache_dir, max_bytes=settings.cache_max_bytes)
     app.state.dataset_checks = DatasetChecks(settings, app.state.sessions, app.state.storage, app.state.pixel_store)
     app.state.rate_limits = RateLimits.from_settings(settings)
+    app.state.predict_lookups = PredictLookups()
     app.state.metrics = metrics = Metrics()
     app.state.model_cache = ModelCache(
         settings.model_cache_size,
@@ -70,6 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_pixels=settings.max_image_pixels,
         on_batch=metrics.observe_batch,
         on_load=metrics.model_loads.inc,
+        runtime=settings.predict_runtime,
+        try_compile=settings.predict_compile,
+        threads=settings.predict_threads,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)

@@ -52,6 +52,20 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(4, description="models kept loaded for prediction (LRU)")
     predict_max_batch: int = 32
     predict_max_wait_ms: float = 4.0
+    predict_runtime: Literal["auto", "torch"] = Field(
+        "auto",
+        description="auto: measure PyTorch (eager, channels-last) and ONNX Runtime for each model on this host and "
+        "serve the fastest; torch: PyTorch only",
+    )
+    predict_threads: int | None = Field(
+        None,
+        ge=1,
+        description="threads of each forward pass on a CPU (default: every core this process may use; with several "
+        "API processes on one machine, give each its share)",
+    )
+    predict_compile: bool = Field(
+        False, description="also measure torch.compile when choosing a model's runtime (~20 s of compiling per model)"
+    )
 
     # Jobs
     worker_slots: int | None = Field(

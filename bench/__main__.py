@@ -1,4 +1,4 @@
-"""``python -m bench [all|full|frozen|pipeline|service] [--quick] [--data FOLDER]``
+"""``python -m bench [all|full|frozen|pipeline|service|serving] [--quick] [--data FOLDER]``
 
 Writes ``bench/out/results.json`` and ``bench/RESULTS.md``. ``--data`` points the training and pipeline
 benchmarks at your own ImageFolder-style folder (``train/<class>/...``, ``val/<class>/...``).
@@ -28,11 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("which", nargs="?", default="all", choices=("all", "full", "frozen", "pipeline", "service"))
+    parser.add_argument(
+        "which", nargs="?", default="all", choices=("all", "full", "frozen", "pipeline", "service", "serving")
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")
     parser.add_argument("--data", type=Path, help="your own train/ val/ image folder instead of generated images")
     parser.add_argument("--repeats", type=int, help="repeats per benchmark (default 3, quick 1)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument(
+        "--no-torchserve", action="store_true", help="serving: leave TorchServe out (it needs Java and a pip install)"
+    )
+    parser.add_argument("--duration", type=float, help="serving: seconds per load cell (default 10, quick 2)")
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -89,11 +95,28 @@ def main(argv: list[str] | None = None) -> int:
             concurrencies=(1, 8) if quick else (1, 8, 32),
             log=log,
         )
+    if which == "serving":  # ~25 min with TorchServe and the backbones' pretraining: not part of `all`
+        from bench.serving_bench import serving
+
+        results["serving"] = serving(
+            work,
+            quick=quick,
+            duration=args.duration or (2 if quick else 10),
+            concurrencies=(1, 8) if quick else (1, 8, 32),
+            torchserve=not args.no_torchserve and not quick,
+            archs=("resnet18",) if quick else ("resnet18", "googlenet"),
+            log=log,
+        )
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results.setdefault("seconds", {})[which] = time.perf_counter() - started
     results["quick"] = quick
     results_path.write_text(json.dumps(results, indent=2, default=str))
-    md = write_markdown(results, args.out / "RESULTS.quick.md" if quick else ROOT / "bench" / "RESULTS.md")
+    # The repository's report only from the repository's results (a run into another folder reports there).
+    if quick:
+        target = args.out / "RESULTS.quick.md"
+    else:
+        target = ROOT / "bench" / "RESULTS.md" if args.out.resolve() == OUT.resolve() else args.out / "RESULTS.md"
+    md = write_markdown(results, target)
     log(f"wrote {results_path} and {md}")
     return 0
 

@@ -125,3 +125,35 @@ def make_zip(
             zf.writestr(f"{shape}/{i:05d}.jpg", make_photo(shape, rng, size))
     tmp.rename(path)
     return path
+
+
+def make_split_dataset(
+    root: Path,
+    *,
+    classes: int = 4,
+    per_split: tuple[int, int, int] = (60, 20, 70),
+    seed: int = 3,
+    size: tuple[int, int] = (400, 300),
+) -> Path:
+    """``root/{train,val,test}/<class>/*.jpg``: an explicit split with a test set (for the export checks and
+    the served model, which are judged on their test split)."""
+    if (root / ".complete").exists():
+        return root
+    rng = random.Random(seed)
+    for split, n in zip(("train", "val", "test"), per_split, strict=True):
+        for shape in SHAPES[:classes]:
+            folder = root / split / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                (folder / f"{i:04d}.jpg").write_bytes(make_photo(shape, rng, size))
+    (root / ".complete").write_text("ok")
+    return root
+
+
+def zip_folder(folder: Path) -> bytes:
+    """The folder as an in-memory zip (an upload)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for f in sorted(folder.rglob("*.jpg")):
+            zf.write(f, f.relative_to(folder))
+    return buf.getvalue()

@@ -7,7 +7,11 @@ generated, weights are random. For resnet18, resnet50, alexnet and googlenet at 
   training step (bf16 autocast, channels-last, fused AdamW; torch.compile when it pays), images/s;
 - tutorial: ImageFolder + PIL transforms + DataLoader(batch 4, 4 workers) + SGD, fp32, images/s;
 - MFU from torchvision's published operation counts (training ~ 3x the forward GFLOPs);
-- prediction throughput (bf16, channels-last, batch 256).
+- prediction throughput (bf16, channels-last, batch 256);
+- the serving half: what the predict endpoint runs per forward pass (uint8 crops copied from pinned memory,
+  normalisation, network, softmax: ``finetune.export.ServingNetwork``) at batch 1 / 8 / 64 / 256, in float32,
+  bf16 and bf16 + torch.compile, and in ONNX Runtime's CUDA and TensorRT providers where ``onnxruntime-gpu``
+  is installed (otherwise those rows say why they are missing).
 
     python -m bench.gpu [--seconds 20] [--archs resnet18,resnet50,alexnet,googlenet] [--out bench/out/gpu.json]
 """
@@ -185,6 +189,115 @@ def predict(arch: str, device: torch.device, *, batch: int = 256, seconds: float
     return {"images_per_sec": n / (time.perf_counter() - start), "batch": batch}
 
 
+SERVING_BATCHES = (1, 8, 64, 256)
+
+
+def _rate(step: Any, batch: int, device: torch.device, seconds: float, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
+        n += batch
+    sync(device)
+    return n / (time.perf_counter() - start)
+
+
+def serving_half(
+    arch: str, device: torch.device, *, batches: tuple[int, ...], seconds: float, try_compile: bool
+) -> dict[str, Any]:
+    """Images/s of the serving forward pass per batch size and runtime (see the module's docstring)."""
+    from finetune.export import ServingNetwork, static_pools
+    from finetune.models import build_model, inference_model
+
+    built = build_model(arch, 10, "none")
+    crop = built.preprocessing.crop_size
+    network = static_pools(inference_model(built.model), crop)
+    net = ServingNetwork(network, built.preprocessing).eval()
+    warmup = 5 if device.type == "cuda" else 1
+    out: dict[str, Any] = {"crop": crop, "torch": {}, "onnxruntime": {}}
+    variants: dict[str, tuple[Any, bool]] = {"fp32": (net.to(device).to(memory_format=torch.channels_last), False)}
+    if device.type == "cuda":
+        variants["bf16"] = (variants["fp32"][0], True)
+        if try_compile:
+            # One compile for every batch size (a static compile would recompile for each of them).
+            variants["bf16+compile"] = (torch.compile(variants["fp32"][0], dynamic=True), True)
+    for name, (module, bf16) in variants.items():
+        rates: dict[str, float] = {}
+        for batch in batches:
+            host = torch.randint(0, 256, (batch, crop, crop, 3), dtype=torch.uint8)
+            if device.type == "cuda":
+                host = host.pin_memory()
+
+            @torch.inference_mode()
+            def step(host: torch.Tensor = host, module: Any = module, bf16: bool = bf16) -> None:
+                x = host.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    module(x)[0].float().cpu()  # the probabilities come back to the host, as in serving
+
+            try:
+                rates[str(batch)] = _rate(step, batch, device, seconds, warmup)
+            except Exception as e:  # compile support varies by build: the other rows still stand
+                out["torch"][f"{name}_error"] = f"{type(e).__name__}: {e}"[:300]
+                break
+        out["torch"][name] = rates
+    out["onnxruntime"] = _ort_serving(net.cpu(), crop, device, batches=batches, seconds=seconds, warmup=warmup)
+    return out
+
+
+def _ort_serving(
+    net: Any, crop: int, device: torch.device, *, batches: tuple[int, ...], seconds: float, warmup: int
+) -> dict[str, Any]:
+    """ONNX Runtime's CUDA and TensorRT providers on the same graph, when onnxruntime-gpu is installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return {"skipped": "onnxruntime is not installed (pip install onnxruntime-gpu for its CUDA/TensorRT rows)"}
+    wanted = {"cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+    if device.type != "cuda":
+        wanted = {"cpu": "CPUExecutionProvider"}
+    available = set(ort.get_available_providers())
+    path = Path(tempfile.mkdtemp(prefix="gpu-serving-")) / "model.onnx"
+    example = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["probabilities", "logits"],
+            dynamic_axes={"image": {0: "batch"}, "probabilities": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+        )
+    out: dict[str, Any] = {}
+    for name, provider in wanted.items():
+        if provider not in available:
+            out[name] = {"skipped": f"{provider} is not in this onnxruntime build ({sorted(available)})"}
+            continue
+        options: list[Any] = [provider]
+        if name == "tensorrt":
+            options = [(provider, {"trt_fp16_enable": True}), "CUDAExecutionProvider"]
+        try:
+            session = ort.InferenceSession(str(path), providers=options)
+            rates: dict[str, float] = {}
+            for batch in batches:
+                x = torch.randint(0, 256, (batch, crop, crop, 3), dtype=torch.uint8).numpy()
+
+                def step(x: Any = x, session: Any = session) -> None:
+                    session.run(["probabilities"], {"image": x})
+
+                rates[str(batch)] = _rate(step, batch, torch.device("cpu"), seconds, warmup)
+            out[name] = rates
+        except Exception as e:  # a provider that fails to start (driver, TensorRT libraries) skips its row
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -250,11 +363,19 @@ def main() -> int:
         if peak:
             row["mfu"] = best["images_per_sec"] * 3 * gflops * 1e9 / (peak * 1e12)
         row["predict"] = predict(arch, device, batch=args.batch or 256, seconds=min(args.seconds, 5.0))
+        row["serving"] = serving_half(
+            arch,
+            device,
+            batches=(args.batch,) if args.batch else SERVING_BATCHES,
+            seconds=min(args.seconds, 1.5),
+            try_compile=not args.no_compile,
+        )
         results["archs"][arch] = row
         print(
             f"{arch}: ours {best['images_per_sec']:.0f} img/s (compiled={best['compiled']}), tutorial "
             f"{row['tutorial']['images_per_sec']:.0f} img/s, {row['ratio']:.1f}x, MFU {row.get('mfu', float('nan')):.1%}, "
-            f"predict {row['predict']['images_per_sec']:.0f} img/s",
+            f"predict {row['predict']['images_per_sec']:.0f} img/s; serving {row['serving']['torch']}, "
+            f"ONNX Runtime {row['serving']['onnxruntime']}",
             flush=True,
         )
     results["seconds"] = time.perf_counter() - t0

@@ -136,6 +136,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
             f"predict (model loaded on demand) after **{s['seconds_to_first_predict']:.1f} s**.",
             "",
         ]
+    if "serving" in results:
+        lines += _serving_lines(results["serving"])
     if "load" in results:
         lines += _load_lines(results["load"])
     if "takeover" in results:
@@ -149,6 +151,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "- `make bench` (`python -m bench all`): everything above except Load and GPU"
         + (f"; this run took {seconds['all'] / 60:.1f} min" if "all" in seconds else "")
         + ", pretraining the backbones included (they are cached in `bench/out/work` for later runs).",
+        "- `python -m bench serving`: the Serving and Export sections (~25 min: TorchServe's environment is made",
+        "  once under `~/.cache/finetune-bench/`, the backbones are pretrained once); `--no-torchserve` without it.",
         "- `python -m bench full|frozen|pipeline|service [--repeats N]`: one benchmark; its figures replace that",
         "  part of `bench/out/results.json` and the report is written again from all of it.",
         "- `python -m bench ... --data FOLDER`: the training and pipeline benchmarks on your own `train/` `val/` folder.",
@@ -307,4 +311,112 @@ def _scale_lines(r: dict[str, Any]) -> list[str]:
             f"{b['after_images_per_sec']:.0f} img/s: **{b['ratio']:.2f}x** (target: no worse; {verdict}).",
             "",
         ]
+    return lines
+
+
+ARM_NAMES = {
+    "ours": "ours fp32",
+    "ours_int8": "ours int8",
+    "torchserve_batched": "TorchServe batched",
+    "torchserve": "TorchServe unbatched",
+    "naive": "naive",
+}
+
+
+def _x(value: float | None) -> str:
+    return "–" if value is None else f"**{value:.2f}x**"
+
+
+def _serving_lines(s: dict[str, Any]) -> list[str]:
+    """The Serving section (``python -m bench serving``, bench/serving_bench.py)."""
+    p = s["predict"]
+    arms = [
+        a
+        for a in ("ours", "ours_int8", "torchserve_batched", "torchserve", "naive")
+        if a == "ours_int8" or a in p["arms"]
+    ]
+    served = p["served"]["loaded_here"]
+    int8 = p["int8_check"]
+    lines = [
+        "## Serving: our predict endpoint, TorchServe and a naive FastAPI endpoint (one run)",
+        "",
+        f"`python -m bench serving{' --quick' if s.get('quick') else ''}`: resnet18 at 224 px trained through our API "
+        "(random init, 1 epoch); the same weights in TorchServe 0.12 (torchvision transforms, eager float32, one "
+        "worker; batched: batch 8 / 10 ms) and in the naive endpoint (multipart, batch 1). Closed loop, "
+        f"{p['duration_s']:.0f} s per cell after a 2 s warm-up, 64 distinct JPEGs per size, raw JPEG bodies "
+        "(naive: multipart); the load generator runs on the same machine. Requests/s, p50 / p99 ms.",
+        f"Ours served fp32 with `{served['runtime']}` (chosen by measurement: "
+        + ", ".join(
+            f"{k} {v:.0f}"
+            for d in p["served"]["measured"].values()
+            for k, v in d.get("fp32", {}).get("images_per_sec", {}).items()
+        )
+        + " img/s at batch 8), int8 with "
+        f"`{p['served_int8']['loaded_here']['runtime']}` (its accuracy change on its own test split: "
+        f"{int8['accuracy_change_points']:+.2f} points over {int8['images']} images).",
+        "",
+    ]
+    for size, table in p["sizes"].items():
+        w, h = table["image"]
+        lines += [
+            f"### {w}x{h} JPEG (~{table['kb']} KB)",
+            "",
+            "| clients | " + " | ".join(ARM_NAMES[a] for a in arms) + " |",
+            "|---|" + "---|" * len(arms),
+        ]
+        for row in table["rows"]:
+            cells = [
+                f"{row[a]['rps']:.1f} ({row[a]['p50_ms']:.0f} / {row[a]['p99_ms']:.0f})" if a in row else "–"
+                for a in arms
+            ]
+            lines.append(f"| {row['concurrency']} | " + " | ".join(cells) + " |")
+        r = p["ratios"][size]
+        lines += [
+            "",
+            f"At {r['high_clients']} clients: ours / TorchServe batched {_x(r.get('ours_vs_torchserve_batched_high'))} "
+            f"(target 1.5x), ours / naive {_x(r['ours_vs_naive_high'])} (target 2x), int8 / TorchServe batched "
+            f"{_x(r.get('int8_vs_torchserve_batched_high'))} (target 2.5x), ours p99 {r['p99_high_ms']:.0f} ms "
+            f"(target < 500); at {r['low_clients']} client: ours / TorchServe unbatched "
+            f"{_x(r.get('ours_vs_torchserve_low'))} (target 1.2x).",
+            "",
+        ]
+    if "workers" in p:
+        wk = p["workers"]
+        lines += [
+            "### One API process with a batcher, or several uvicorn workers (400x300, int8)",
+            "",
+            "| clients | 1 process | 2 uvicorn workers |",
+            "|---|---|---|",
+        ]
+        for one, two in zip(wk["1"], wk["2"], strict=True):
+            lines.append(
+                f"| {one['concurrency']} | {one['rps']:.1f} ({one['p99_ms']:.0f} ms p99) | {two['rps']:.1f} ({two['p99_ms']:.0f} ms p99) |"
+            )
+        lines.append("")
+    par = s["parity"]
+    lines += [
+        "## Exports: parity with PyTorch and the serving runtimes",
+        "",
+        f"Each model fine-tuned here (frozen backbone pretrained on other shapes, at its 64 px), then exported; every export "
+        f"is run beside the PyTorch model on its test split ({par['test_images']} images, at most 256 checked). "
+        "Float32 exports are refused below 100% top-1 agreement or above 1e-4 probability difference.",
+        "",
+        "| model | format | images | top-1 agreement | max prob. diff | PyTorch top-1 | export top-1 | change | accepted |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for arch, row in par["archs"].items():
+        for fmt, c in row["formats"].items():
+            change = "–" if c.get("accuracy_change_points") is None else f"{c['accuracy_change_points']:+.2f} points"
+            ref = "–" if c.get("reference_top1") is None else f"{c['reference_top1']:.4f}"
+            exp = "–" if c.get("export_top1") is None else f"{c['export_top1']:.4f}"
+            lines.append(
+                f"| {arch} | {fmt} | {c['images']} {c['split']} | {c['top1_agreement']:.2%} | {c['max_abs_prob_diff']:.2g} "
+                f"| {ref} | {exp} | {change} | {'yes' if c['passed'] else 'no'} |"
+            )
+    lines += ["", "Serving runtimes measured at batch 8 on this machine, images/s (the fastest is served):", ""]
+    for arch, row in par["archs"].items():
+        for precision, m in row["runtimes"].items():
+            speeds = ", ".join(f"{k} {v:.0f}" for k, v in m.get("images_per_sec", {}).items())
+            lines.append(f"- {arch} {precision}: {speeds or '(one candidate)'}; served: `{m.get('winner')}`")
+    lines.append("")
     return lines

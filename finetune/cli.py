@@ -137,6 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--device", default="auto")
     pr.add_argument("--json", action="store_true")
 
+    x = sub.add_parser(
+        "export",
+        help="export a run as ONNX or TorchScript, checked against PyTorch",
+        description="Write the run's network with its preprocessing and class names as one file, after checking it "
+        "against the PyTorch model on the run's test split: a float32 export must agree on every image's top-1 "
+        "label with probabilities within 1e-4, or it is refused (exit 1). onnx-int8 reports its accuracy change.",
+    )
+    x.add_argument("run_dir")
+    x.add_argument("--format", choices=("onnx", "torchscript", "onnx-int8"), default="onnx")
+    x.add_argument("--out", help="also copy the file here (it is kept in RUN_DIR/exports/ either way)")
+    x.add_argument("--images", nargs="+", metavar="IMAGE", help="check on these images instead of the test split")
+    x.add_argument("--force", action="store_true", help="export again even if a checked export exists")
+    x.add_argument(
+        "--measure",
+        action="store_true",
+        help="then measure the serving runtimes on this machine (PyTorch eager, channels-last, torch.compile, "
+        "ONNX Runtime) and record the fastest in RUN_DIR/serving.json",
+    )
+    x.add_argument("--batch", type=int, default=8, help="batch size for --measure (default: 8)")
+    x.add_argument("--json", action="store_true")
+
     i = sub.add_parser("inspect", help="check a dataset and print its report")
     i.add_argument("data")
     i.add_argument("--val-fraction", type=float, default=0.1)
@@ -331,6 +352,56 @@ def cmd_predict(args: argparse.Namespace, out: Output) -> int:
     return status
 
 
+def cmd_export(args: argparse.Namespace, out: Output) -> int:
+    import shutil
+
+    from .export import ParityError, export_run
+
+    if args.batch < 1:
+        raise InputError("--batch must be at least 1")
+    try:
+        result = export_run(args.run_dir, args.format, images=[Path(p) for p in args.images or []], force=args.force)
+    except ParityError as e:
+        if out.as_json:
+            out.json({"format": args.format, "accepted": False, "parity": e.parity, "error": str(e)})
+        else:
+            print(f"refused: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    path = result.path
+    if args.out:
+        path = Path(args.out)
+        shutil.copyfile(result.path, path)
+    report: dict[str, Any] = {"format": args.format, "file": str(path), "accepted": True, "parity": result.parity}
+    if args.measure:
+        from .predict import Predictor
+        from .serving import select_runtime
+
+        precision = "int8" if args.format == "onnx-int8" else "fp32"
+        predictor = Predictor.from_run(args.run_dir, device="cpu")
+        choice = select_runtime(
+            predictor, args.run_dir, precision=precision, batch=args.batch, try_compile=True, remeasure=True
+        )
+        report["serving"] = {"winner": choice.runtime.name, **choice.measured, "note": choice.note}
+    if out.as_json:
+        out.json(report)
+        return EXIT_OK
+    p = result.parity
+    out.line(f"{args.format}: {path} ({p['images']} {p['split']} images checked)")
+    out.line(
+        f"  top-1 agreement with PyTorch {p['top1_agreement']:.2%}, max probability difference {p['max_abs_prob_diff']:.2g}"
+    )
+    if p.get("accuracy_change_points") is not None:
+        out.line(
+            f"  top-1 accuracy: PyTorch {p['reference_top1']:.4f}, export {p['export_top1']:.4f} "
+            f"({p['accuracy_change_points']:+.2f} points)"
+        )
+    if "serving" in report:
+        s = report["serving"]
+        speeds = ", ".join(f"{k} {v:.1f}" for k, v in s["images_per_sec"].items())
+        out.line(f"serving at batch {args.batch}, images/s: {speeds}; fastest: {s['winner']}")
+    return EXIT_OK
+
+
 def cmd_inspect(args: argparse.Namespace, out: Output) -> int:
     from .dataset import DatasetOptions, load_dataset
     from .train import default_cache_dir
@@ -427,6 +498,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "predict": cmd_predict,
+    "export": cmd_export,
     "inspect": cmd_inspect,
     "cache": cmd_cache,
     "weights": cmd_weights,

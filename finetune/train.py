@@ -14,6 +14,7 @@ never entered again, and epoch numbers only increase.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -120,7 +121,7 @@ def _run(config: TrainConfig, rt: Runtime, resume_from: Checkpoint | None) -> Ru
         built = load_model(config, data.dataset.num_classes)
         # Written only once the model is built: a run that fails before leaves its folder empty, so the
         # same command can simply be run again (train refuses a non-empty folder).
-        atomic_write_json(run_dir / "dataset.json", data.dataset.report())
+        atomic_write_json(run_dir / "dataset.json", run_dataset_report(data.dataset, run_dir))
         run = _Run(config, rt, data, built)
         if resume_from is not None:
             run.restore(resume_from)
@@ -180,6 +181,15 @@ def load_data(config: TrainConfig, emit: Callback) -> RunData:
         stored.close()
         raise ConfigError(["the dataset has no validation images"])
     return RunData(stored.dataset, prep, stored, splits["train"], splits["val"], splits["test"])
+
+
+def run_dataset_report(dataset: Dataset, run_dir: Path) -> dict[str, Any]:
+    """The dataset's report for the run folder. Besides ``root`` as the run was given it (relative to the
+    working folder of the service's job process, the data folder), ``root_from_run``: the same folder
+    relative to the run folder, so the images are found from the run wherever the folders are mounted."""
+    report = dataset.report()
+    report["root_from_run"] = os.path.relpath(dataset.root, run_dir)
+    return report
 
 
 def split_summary(dataset: Dataset, config: TrainConfig) -> dict[str, Any]:

@@ -75,3 +75,7 @@ def test_gpu_benchmark_runs_with_only_torch_torchvision_numpy_pillow(tmp_path: P
     for arm in ("ours", "tutorial", "predict"):
         assert row[arm]["images_per_sec"] > 0
     assert row["ratio"] == row["ours"]["images_per_sec"] / row["tutorial"]["images_per_sec"]
+    # The serving half: the uint8-in forward pass measured; ONNX Runtime is not on a bare machine, and says so.
+    serving = row["serving"]
+    assert serving["torch"]["fp32"]["4"] > 0
+    assert "not installed" in serving["onnxruntime"]["skipped"]

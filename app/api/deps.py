@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.db.tables import User
 from app.errors import ApiError
 from app.services import auth
+from app.services.keycache import PredictLookups, Principal, key_digest
 from app.settings import Settings
 from app.storage import Storage
 
@@ -113,3 +115,46 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 SessionDep = Annotated[Session, Depends(get_session)]
 CurrentUser = Annotated[User, Depends(get_current_user)]
 AdminUser = Annotated[User, Depends(get_admin)]
+
+
+# -- the predict path: no database query and no thread hop for a key seen within the last second ----------
+async def get_predict_principal(request: Request) -> Principal:
+    """The caller of a predict request. A bearer key that authenticated less than a second ago in this process
+    is taken from memory (``app.services.keycache``); anything else (a new key, a cookie) goes through
+    ``authenticate`` on the threadpool, exactly as every other route does."""
+    lookups: PredictLookups = request.app.state.predict_lookups
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    digest = key_digest(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    if digest is not None:
+        known = lookups.keys.get(digest)
+        if known is not None:
+            request.state.user_id = known.id
+            return known
+    principal = await run_in_threadpool(_authenticate_now, request)
+    if digest is not None:
+        lookups.keys.put(digest, principal)
+    return principal
+
+
+def _authenticate_now(request: Request) -> Principal:
+    session: Session = request.app.state.sessions()
+    try:
+        user = authenticate(request, session)
+        if user is None:
+            raise ApiError(
+                401,
+                "unauthorized",
+                "authentication required: send `Authorization: Bearer <api key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        principal = Principal(user.id, user.is_admin)
+        session.commit()  # the key's last_used_at
+        return principal
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+PredictUser = Annotated[Principal, Depends(get_predict_principal)]

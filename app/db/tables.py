@@ -245,6 +245,8 @@ class Model(Base):
     run_key: Mapped[str] = mapped_column(String(200))
     size_bytes: Mapped[int] = mapped_column(ByteCount, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # "fp32", or "int8" (ONNX Runtime, quantized) once the owner has seen its accuracy change on the test split.
+    serving_precision: Mapped[str] = mapped_column(String(8), default="fp32", server_default="fp32")
 
 
 class Worker(Base):

@@ -31,6 +31,7 @@ from app.errors import error_body
 from app.pages.login import LoginRequired, PageUser
 from app.pages.login import router as login_router
 from app.services import datasets as dataset_svc
+from app.services import exports as export_svc
 from app.services import jobs as job_svc
 from app.services import models as model_svc
 from finetune import weights as engine_weights
@@ -409,8 +410,19 @@ def model_page(
             "dataset": dataset,
             "config_items": _config_items(model.config or {}),
             "top_k": max(1, min(5, model.num_classes)),
+            "exports": export_svc.exports_info(request.app.state.storage, model),
+            "serving": export_svc.serving_info(request.app.state.storage, model, _loaded_info(request, model.id)),
+            "formats": EXPORT_FORMATS,
         },
     )
+
+
+EXPORT_FORMATS = (("onnx", "ONNX (float32)"), ("torchscript", "TorchScript (float32)"), ("onnx-int8", "ONNX int8"))
+
+
+def _loaded_info(request: Request, model_id: str) -> dict[str, object] | None:
+    entry = request.app.state.model_cache.loaded(model_id)
+    return entry.info() if entry is not None else None
 
 
 @router.get(CHART_JS_URL)

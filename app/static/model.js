@@ -83,3 +83,32 @@ document.addEventListener("DOMContentLoaded", () => {
     if (files.length) predict(files);
   });
 });
+
+// Export and serving: make an export (with its parity check), or switch the serving precision.
+document.addEventListener("DOMContentLoaded", () => {
+  const section = document.getElementById("exports");
+  if (!section) return;
+  const modelId = section.dataset.modelId;
+  const errorBox = document.getElementById("export-error");
+  const status = document.getElementById("export-status");
+  section.addEventListener("click", async (event) => {
+    const button = event.target.closest("button[data-export], button[data-precision]");
+    if (!button) return;
+    FT.hide(errorBox);
+    button.disabled = true;
+    try {
+      if (button.dataset.export) {
+        FT.show(status);
+        await FT.api("POST", `/api/v1/models/${modelId}/exports?format=${encodeURIComponent(button.dataset.export)}`);
+      } else {
+        await FT.api("PUT", `/api/v1/models/${modelId}/serving`, { precision: button.dataset.precision });
+      }
+      window.location.reload();
+    } catch (e) {
+      FT.show(errorBox, e.message);
+      button.disabled = false;
+    } finally {
+      FT.hide(status);
+    }
+  });
+});

@@ -79,6 +79,9 @@ ID_ROUTES = [
     Route("GET", "/api/v1/models/{model_id}/download", 200),
     Route("DELETE", "/api/v1/models/{model_id}", 204),
     Route("POST", "/api/v1/models/{model_id}/predict", 200, image=True),
+    Route("GET", "/api/v1/models/{model_id}/export", 200),
+    Route("POST", "/api/v1/models/{model_id}/exports", 200),
+    Route("PUT", "/api/v1/models/{model_id}/serving", 200, body={"precision": "fp32"}),
 ]
 # Routes under /api/v1 without anyone's id: lists (test_lists_show_only_ones_own_rows) and the rest.
 LISTS = {"/api/v1/datasets": "datasets", "/api/v1/jobs": "jobs", "/api/v1/models": "models"}

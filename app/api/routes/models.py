@@ -1,12 +1,14 @@
-"""/api/v1/models: list, get (metrics, per class, confusion matrix, training config), download the
-checkpoint bundle, delete. Prediction is in ``predict.py``."""
+"""/api/v1/models: list, get (metrics, per class, confusion matrix, training config, exports and serving),
+download the checkpoint bundle, export (ONNX, TorchScript, int8 ONNX, each parity-checked), choose the
+serving precision, delete. Prediction is in ``predict.py``."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,15 +17,17 @@ from starlette.background import BackgroundTask
 from app.api.deps import CurrentUser, SessionDep, StorageDep
 from app.api.types import UtcDateTime
 from app.db.tables import Model
+from app.services import exports as export_svc
 from app.services import models as svc
 from app.serving.cache import ModelCache
+from app.storage import Storage
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 BUNDLE_NAME = "model.zip"
 
 
-def get_model_cache(request: Request) -> ModelCache:
+async def get_model_cache(request: Request) -> ModelCache:  # async: no threadpool hop to read app state
     return request.app.state.model_cache
 
 
@@ -70,12 +74,55 @@ class ModelSummary(BaseModel):
     test_top1: float | None = None
 
 
+class ParityCheck(BaseModel):
+    """An export run side by side with the PyTorch model on the model's own test split (or a fixed sample)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    split: str = Field(description="`test`, `val` when the run has no test split, or `random` when its images are gone")
+    images: int
+    top1_agreement: float = Field(description="share of images whose top-1 label is the same as PyTorch's")
+    max_abs_prob_diff: float = Field(description="largest difference of any class probability from PyTorch's")
+    reference_top1: float | None = Field(None, description="PyTorch's top-1 accuracy on those images")
+    export_top1: float | None = Field(None, description="the export's top-1 accuracy on those images")
+    accuracy_change_points: float | None = Field(None, description="export minus PyTorch, in percentage points")
+    thresholds: dict[str, float] | None = Field(None, description="what a float32 export must meet (none for int8)")
+    passed: bool
+
+
+class ExportOut(BaseModel):
+    accepted: bool = Field(description="false: the export was refused (it disagreed with PyTorch); no file is kept")
+    created_at: str
+    bytes: int | None = None
+    sha256: str | None = None
+    parity: ParityCheck
+    download_url: str
+
+
+class ServingOut(BaseModel):
+    precision: Literal["fp32", "int8"] = Field(description="what the owner chose (int8: ONNX Runtime, quantized)")
+    int8_check: ParityCheck | None = Field(
+        None, description="the int8 model against PyTorch, with its accuracy change (once measured)"
+    )
+    measured: dict[str, Any] = Field(
+        default_factory=dict,
+        description="per kind of host and precision: images/s of each runtime measured and the winner served",
+    )
+    loaded_here: dict[str, Any] | None = Field(None, description="what this API process serves the model with now")
+
+
 class ModelOut(ModelSummary):
     val: SplitMetrics | None = None
     test: SplitMetrics | None = None
     config: dict[str, Any] = Field(description="the training settings of the job that made the model")
     download_url: str
     predict_url: str
+    exports: dict[str, ExportOut] = Field(default_factory=dict, description="per format, its checked export")
+    serving: ServingOut | None = None
+
+
+class ServingIn(BaseModel):
+    precision: Literal["fp32", "int8"]
 
 
 def _split(evaluation: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -106,9 +153,13 @@ def _summary_fields(model: Model) -> dict[str, Any]:
     }
 
 
-def model_out(model: Model) -> ModelOut:
+def model_out(model: Model, storage: Storage | None = None, loaded: dict[str, Any] | None = None) -> ModelOut:
     evaluation = model.evaluation or {}
     val, test = _split(evaluation, "val"), _split(evaluation, "test")
+    extra: dict[str, Any] = {}
+    if storage is not None:
+        extra["exports"] = export_svc.exports_info(storage, model)
+        extra["serving"] = export_svc.serving_info(storage, model, loaded)
     return ModelOut(
         **_summary_fields(model),
         val=SplitMetrics.model_validate(val) if val else None,
@@ -116,6 +167,7 @@ def model_out(model: Model) -> ModelOut:
         config=model.config,
         download_url=f"/api/v1/models/{model.id}/download",
         predict_url=f"/api/v1/models/{model.id}/predict",
+        **extra,
     )
 
 
@@ -128,8 +180,103 @@ def list_models(session: SessionDep, user: CurrentUser) -> list[ModelSummary]:
     "/{model_id}",
     summary="Get a model: classes, val/test metrics, per-class metrics, confusion matrix, training config",
 )
-def get_model(model_id: str, session: SessionDep, user: CurrentUser) -> ModelOut:
-    return model_out(svc.get_owned(session, user, model_id))
+def get_model(
+    model_id: str, session: SessionDep, storage: StorageDep, user: CurrentUser, cache: ModelCacheDep
+) -> ModelOut:
+    entry = cache.loaded(model_id)
+    return model_out(svc.get_owned(session, user, model_id), storage, entry.info() if entry else None)
+
+
+# One export at a time per API process: each runs the test split through two networks on every core.
+_export_slot = asyncio.Semaphore(1)
+
+FormatQuery = Annotated[
+    str, Query(description="`onnx`, `torchscript` or `onnx-int8`", examples=["onnx"], max_length=20)
+]
+
+
+async def _checked_export(model_id: str, fmt: str, request: Request, user: Any) -> tuple[Model, Any]:
+    storage: Storage = request.app.state.storage
+    export_svc.check_format(fmt)
+
+    def read() -> Model:
+        with request.app.state.sessions() as session:
+            model = svc.get_owned(session, user, model_id)
+            session.expunge(model)
+            return model
+
+    model = await run_in_threadpool(read)
+    async with _export_slot:
+        result = await run_in_threadpool(export_svc.export_model, storage, model, fmt)
+    return model, result
+
+
+@router.get(
+    "/{model_id}/export",
+    response_class=FileResponse,
+    summary="Export the model as one self-contained file (ONNX, TorchScript or int8 ONNX), parity-checked",
+    description="The network with its preprocessing (the input is the uint8 centre crop, N x crop x crop x 3 RGB; "
+    "normalisation is inside) and softmax; class names and preprocessing in the file's metadata. Made on the "
+    "first request (seconds: the test split is run through PyTorch and the export) and kept for the checkpoint. "
+    "A float32 export that disagrees with PyTorch (top-1 agreement below 100% or a probability off by more "
+    "than 1e-4) is refused with 409 `export_parity_failed`. The check's figures are in `X-Parity` and on the model.",
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
+async def export_model(
+    model_id: str, request: Request, user: CurrentUser, format: FormatQuery = "onnx"
+) -> FileResponse:
+    model, result = await _checked_export(model_id, format, request, user)
+    p = result.parity
+    return FileResponse(
+        result.path,
+        media_type="application/octet-stream",
+        filename=export_svc.download_name(model, format),
+        headers={
+            "X-Content-Type-Options": "nosniff",
+            "Cache-Control": "private, no-store",
+            "X-Parity": f"top1_agreement={p['top1_agreement']:.6f}; max_abs_prob_diff={p['max_abs_prob_diff']:.3g}; "
+            f"split={p['split']}; images={p['images']}",
+        },
+    )
+
+
+@router.post(
+    "/{model_id}/exports",
+    summary="Make (or re-read) one export and its parity check, without downloading it",
+    description="What the model page's int8 button calls: `format=onnx-int8` measures the int8 model's accuracy "
+    "change on the test split, which must be known before `PUT /serving` turns int8 on.",
+)
+async def make_export(model_id: str, request: Request, user: CurrentUser, format: FormatQuery = "onnx") -> ExportOut:
+    model, _ = await _checked_export(model_id, format, request, user)
+    storage: Storage = request.app.state.storage
+    return ExportOut.model_validate(export_svc.exports_info(storage, model)[format])
+
+
+@router.put(
+    "/{model_id}/serving",
+    summary="Serve the model in float32 or int8",
+    description="int8 (ONNX Runtime, statically quantized, calibrated on the validation images) needs its "
+    "accuracy change on the test split measured first (`POST /exports?format=onnx-int8`, shown on the model): "
+    "otherwise 409 `int8_not_measured`. Every API process serves the new precision within a second.",
+)
+async def set_serving(
+    model_id: str, body: ServingIn, request: Request, user: CurrentUser, cache: ModelCacheDep
+) -> ServingOut:
+    storage: Storage = request.app.state.storage
+
+    def update() -> Model:
+        with request.app.state.sessions() as session:
+            model = svc.get_owned(session, user, model_id)
+            export_svc.set_precision(session, storage, model, body.precision)
+            session.commit()
+            session.refresh(model)
+            session.expunge(model)
+            return model
+
+    model = await run_in_threadpool(update)
+    request.app.state.predict_lookups.models.discard(model_id)
+    await cache.evict(model_id)  # reloaded at the next request, in the new precision
+    return ServingOut.model_validate(export_svc.serving_info(storage, model, None))
 
 
 @router.get(
@@ -168,7 +315,7 @@ def download_model(model_id: str, session: SessionDep, storage: StorageDep, user
     summary="Delete a model (its run folder too, unless its job still exists)",
 )
 async def delete_model(
-    model_id: str, session: SessionDep, storage: StorageDep, user: CurrentUser, cache: ModelCacheDep
+    model_id: str, request: Request, session: SessionDep, storage: StorageDep, user: CurrentUser, cache: ModelCacheDep
 ) -> Response:
     def remove_row() -> str | None:
         key = svc.delete_model(session, svc.get_owned(session, user, model_id))
@@ -176,6 +323,7 @@ async def delete_model(
         return key
 
     key = await run_in_threadpool(remove_row)
+    request.app.state.predict_lookups.models.discard(model_id)
     await cache.evict(model_id)
     if key:
         await run_in_threadpool(storage.delete, key)
