@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 
 from app.db import session_scope
 from app.db.tables import Job, JobStatus, User
-from app.errors import ApiError
+from app.domain_errors import LimitReached
 from app.jobs import state
 from app.jobs.queue import JobQueue
 from app.jobs.recovery import resend_lost_messages
@@ -78,7 +78,7 @@ def test_the_queued_job_cap_holds_under_concurrent_submits(
 
     results = race(12, submit)
     created = [r for r in results if isinstance(r, str)]
-    refused = [r for r in results if isinstance(r, ApiError)]
+    refused = [r for r in results if isinstance(r, LimitReached) and r.code == "too_many_queued_jobs"]
     assert len(created) == 3 and len(refused) == 9, results
     assert {e.code for e in refused} == {"too_many_queued_jobs"}
     with session_scope(settings.db_url) as s:
