@@ -4,6 +4,10 @@ Preprocessing is exactly the evaluation's (``finetune.preprocess``): the pixels 
 the file, then the same resize, centre crop and normalisation from the checkpoint's metadata, so a model
 scores an image the same way in ``finetune eval``, in the service and here. Loading happens once;
 ``predict`` takes batches.
+
+Probabilities are calibrated: ``softmax(logits / T)`` with the temperature fitted after training
+(``finetune.calibration``, kept in the checkpoint's ``calibration``; 1 for checkpoints without it).
+``answer`` turns them into a label, or ``UNKNOWN`` when the top probability is below the threshold.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .models import Preprocessing, build_for_checkpoint, inference_model
 from .preprocess import eval_crop, stored_pixels
 
 ImageInput = Image.Image | bytes | str | Path
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,11 @@ class Predictor:
         self.normalize = Normalizer(self.preprocessing, device, self.channels_last)
         self.amp_dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
         self.max_pixels = DEFAULT_MAX_PIXELS
+        calibration = meta.get("calibration") or {}
+        self.temperature = float(calibration.get("temperature") or 1.0)
+        chosen = calibration.get("threshold")
+        # The threshold chosen on validation (None: none was, every image gets its top label).
+        self.threshold: float | None = float(chosen) if chosen is not None else None
         self._lock = threading.Lock()
 
     @classmethod
@@ -92,7 +102,17 @@ class Predictor:
             x = self.normalize(x)
             with self.autocast():
                 logits = self.model(x)
-        return torch.softmax(logits.float(), dim=1).cpu()
+        return torch.softmax(logits.float() / self.temperature, dim=1).cpu()
+
+    def answer(self, probs: torch.Tensor, threshold: float | None = None) -> list[str]:
+        """Per image, the top label, or ``UNKNOWN`` when its probability is below ``threshold`` (the
+        given one, else the model's own; no threshold: always the top label)."""
+        limit = self.threshold if threshold is None else threshold
+        values, indices = probs.max(1)
+        return [
+            UNKNOWN if limit is not None and v < limit else self.classes[int(i)]
+            for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
 
     def top_k(self, probs: torch.Tensor, k: int) -> list[list[Prediction]]:
         k = max(1, min(k, len(self.classes)))

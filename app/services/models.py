@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -43,6 +44,25 @@ def delete_model(session: Session, model: Model) -> str | None:
     session.delete(model)
     session.flush()
     return None if in_use else key
+
+
+def threshold_info(model: Model) -> dict[str, Any]:
+    """The threshold predict uses (``value``) and where it comes from: the owner's, else the one chosen on
+    validation after training (recorded with the calibration), else none."""
+    calibration = (model.evaluation or {}).get("calibration") or {}
+    chosen, target = calibration.get("threshold"), calibration.get("target_precision")
+    value: float | None
+    if model.threshold is not None:
+        value, source = model.threshold, "owner"
+    else:
+        value, source = chosen, "validation" if chosen is not None else "none"
+    return {"value": value, "source": source, "chosen": chosen, "target_precision": target}
+
+
+def set_threshold(session: Session, model: Model, threshold: float | None) -> None:
+    """The owner's "unknown" threshold (None: back to the one chosen on validation)."""
+    model.threshold = threshold
+    session.flush()
 
 
 def unavailable(model_id: str) -> Conflict:

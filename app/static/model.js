@@ -52,7 +52,13 @@ document.addEventListener("DOMContentLoaded", () => {
             "div",
             { class: "prediction" },
             url ? FT.el("img", { src: url, alt: file.name }) : FT.el("span"),
-            FT.el("div", {}, FT.el("div", { class: "file", text: file ? file.name : `image ${i + 1}` }), labelBars(p.labels || [])),
+            FT.el(
+              "div",
+              {},
+              FT.el("div", { class: "file", text: file ? file.name : `image ${i + 1}` }),
+              FT.el("div", { class: p.label === "unknown" ? "answer unknown" : "answer", text: p.label === "unknown" ? "unknown (below the threshold)" : p.label }),
+              labelBars(p.labels || []),
+            ),
           ),
         );
       });
@@ -111,4 +117,105 @@ document.addEventListener("DOMContentLoaded", () => {
       FT.hide(status);
     }
   });
+});
+
+// Calibration: the reliability diagram, the coverage/accuracy trade-off, and the "unknown" threshold.
+document.addEventListener("DOMContentLoaded", () => {
+  const section = document.getElementById("calibration");
+  if (!section) return;
+  const modelId = section.dataset.modelId;
+  const data = JSON.parse(document.getElementById("calibration-data").textContent || "{}");
+  const form = document.getElementById("threshold-form");
+  const input = document.getElementById("threshold-input");
+  const errorBox = document.getElementById("threshold-error");
+
+  async function save(threshold) {
+    FT.hide(errorBox);
+    try {
+      await FT.api("PATCH", `/api/v1/models/${encodeURIComponent(modelId)}`, { threshold });
+      window.location.reload();
+    } catch (e) {
+      FT.show(errorBox, e.message);
+    }
+  }
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    const value = input.value.trim();
+    if (value === "" || Number.isNaN(Number(value))) {
+      FT.show(errorBox, "Give a threshold between 0 and 1 (0: never answer unknown).");
+      return;
+    }
+    save(Number(value));
+  });
+  const reset = document.getElementById("threshold-reset");
+  if (reset) reset.addEventListener("click", () => save(null));
+
+  if (typeof Chart === "undefined") return; // the library is missing: the figures above still show
+  const split = data.test || data.val;
+  if (split) {
+    const bins = (split.reliability_after || []).map((b, i) => ({ ...b, before: (split.reliability_before || [])[i] }));
+    const centres = bins.map((b) => (b.lower + b.upper) / 2);
+    const point = (b) => (b && b.count ? b.accuracy : null);
+    window.calibrationCharts = window.calibrationCharts || {};
+    window.calibrationCharts.reliability = new Chart(document.getElementById("reliability-chart"), {
+      type: "bar",
+      data: {
+        labels: centres.map((c) => `${Math.round(c * 100)}%`),
+        datasets: [
+          { label: "before", data: bins.map((b) => point(b.before)), backgroundColor: "rgba(249,115,22,0.55)" },
+          { label: "after", data: bins.map(point), backgroundColor: "rgba(37,99,235,0.7)" },
+          { type: "line", label: "perfect", data: centres, borderColor: "#64748b", borderDash: [4, 4], pointRadius: 0, fill: false },
+        ],
+      },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        plugins: {
+          legend: { position: "bottom" },
+          tooltip: {
+            callbacks: {
+              label: (item) => {
+                if (item.dataset.label === "perfect") return "";
+                const b = item.dataset.label === "before" ? bins[item.dataIndex].before : bins[item.dataIndex];
+                return `${item.dataset.label}: accuracy ${FT.pct(b.accuracy)}, confidence ${FT.pct(b.confidence)}, ${b.count} images`;
+              },
+            },
+          },
+        },
+        scales: {
+          x: { title: { display: true, text: "confidence" } },
+          y: { min: 0, max: 1, title: { display: true, text: "accuracy" }, ticks: { callback: (v) => `${Math.round(v * 100)}%` } },
+        },
+      },
+    });
+  }
+  const coverage = data.coverage || [];
+  if (coverage.length) {
+    window.calibrationCharts = window.calibrationCharts || {};
+    window.calibrationCharts.coverage = new Chart(document.getElementById("coverage-chart"), {
+      type: "line",
+      data: {
+        labels: coverage.map((p) => p.threshold.toFixed(2)),
+        datasets: [
+          { label: "coverage (answered)", data: coverage.map((p) => p.coverage), borderColor: "#2563eb", backgroundColor: "#2563eb", pointRadius: 2 },
+          { label: "accuracy of answers", data: coverage.map((p) => p.accuracy), borderColor: "#16a34a", backgroundColor: "#16a34a", pointRadius: 2 },
+        ],
+      },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        interaction: { mode: "index", intersect: false },
+        plugins: {
+          legend: { position: "bottom" },
+          tooltip: { callbacks: { title: (items) => (items.length ? `threshold ${items[0].label}` : ""), label: (item) => `${item.dataset.label}: ${FT.pct(item.parsed.y)}` } },
+        },
+        scales: {
+          x: { title: { display: true, text: "threshold" } },
+          y: { min: 0, max: 1, ticks: { callback: (v) => `${Math.round(v * 100)}%` } },
+        },
+      },
+    });
+  }
 });

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.api import bodies
 from app.api.deps import PredictUser
@@ -43,7 +43,11 @@ class LabelOut(BaseModel):
 
 
 class ImagePrediction(BaseModel):
-    labels: list[LabelOut]
+    label: str = Field(
+        description="the top label, or `unknown` when its probability is below the model's threshold "
+        "(`threshold` on the model: the owner's, else the one chosen on validation)"
+    )
+    labels: list[LabelOut] = Field(description="the `top_k` most likely labels, whatever `label` says")
 
 
 class PredictOut(BaseModel):
@@ -59,8 +63,9 @@ _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
     summary="Classify images",
     description="A multipart form with one or more `images` file parts, or one image as the raw body "
     "(`image/jpeg`, `image/png`, `image/webp`, `image/bmp`, `image/gif` or `application/octet-stream`). "
-    "The answer has one entry per image, in order, each with the `top_k` most likely labels "
-    "(probabilities over all classes sum to 1). A file that is not an acceptable image is refused "
+    "The answer has one entry per image, in order, each with its `label` and the `top_k` most likely labels "
+    "(calibrated probabilities: over all classes they sum to 1). `label` is `unknown` when the top probability "
+    "is below the model's threshold. A file that is not an acceptable image is refused "
     "with 422 `bad_image` and the reason; `details.index` says which.",
     responses={429: {"description": "`rate_limited`: too many predict requests by this user (see `Retry-After`)"}},
     openapi_extra={
@@ -112,9 +117,13 @@ async def predict(
     arrays = [r for r in results if isinstance(r, np.ndarray)]
     probs = await loaded.probabilities(arrays)
     ranked = predictor.top_k(probs, top_k)
+    answers = predictor.answer(probs, ref.threshold)
     return PredictOut(
         model_id=model_id,
-        predictions=[ImagePrediction(labels=[LabelOut(**p.to_dict()) for p in labels]) for labels in ranked],
+        predictions=[
+            ImagePrediction(label=answer, labels=[LabelOut(**p.to_dict()) for p in labels])
+            for answer, labels in zip(answers, ranked, strict=True)
+        ],
     )
 
 
@@ -130,7 +139,7 @@ async def model_ref(lookups: PredictLookups, sessions: Any, user: Principal, mod
                 row = session.get(Model, model_id) if "\x00" not in model_id else None
                 if row is None:
                     raise NotFound("model", model_id)
-                return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision)
+                return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision, row.threshold)
 
         ref = await run_in_threadpool(read)
         lookups.models.put(model_id, ref)
