@@ -29,6 +29,31 @@ document.addEventListener("DOMContentLoaded", () => {
     return list;
   }
 
+  // The image, with its Grad-CAM heat map (a greyscale PNG of the image's size) drawn over it in colour:
+  // transparent where the model found nothing, red where it found the most.
+  function preview(url, name, cam) {
+    const img = FT.el("img", { src: url, alt: name });
+    if (!cam) return img;
+    const canvas = FT.el("canvas", { class: "gradcam", width: cam.width, height: cam.height, title: `Grad-CAM for ${cam.label}` });
+    const heat = new Image();
+    heat.onload = () => {
+      const ctx = canvas.getContext("2d");
+      ctx.drawImage(heat, 0, 0);
+      const pixels = ctx.getImageData(0, 0, cam.width, cam.height);
+      const d = pixels.data;
+      for (let i = 0; i < d.length; i += 4) {
+        const v = d[i] / 255;
+        d[i] = 255;
+        d[i + 1] = Math.round(220 * (1 - v));
+        d[i + 2] = 0;
+        d[i + 3] = Math.round(170 * v);
+      }
+      ctx.putImageData(pixels, 0, 0);
+    };
+    heat.src = `data:image/png;base64,${cam.png}`;
+    return FT.el("span", { class: "gradcam-wrap" }, img, canvas);
+  }
+
   async function predict(files) {
     files = files.filter((f) => f.type.startsWith("image/") || /\.(jpe?g|png|gif|bmp|webp|tiff?)$/i.test(f.name));
     if (!files.length) {
@@ -40,7 +65,9 @@ document.addEventListener("DOMContentLoaded", () => {
     const body = new FormData();
     for (const f of files) body.append("images", f, f.name);
     try {
-      const data = await FT.api("POST", `/api/v1/models/${encodeURIComponent(modelId)}/predict?top_k=${topK}`, body);
+      const explain = document.getElementById("explain-input");
+      const query = `top_k=${topK}${explain && explain.checked ? "&explain=gradcam" : ""}`;
+      const data = await FT.api("POST", `/api/v1/models/${encodeURIComponent(modelId)}/predict?${query}`, body);
       for (const url of previews.splice(0)) URL.revokeObjectURL(url);
       results.replaceChildren();
       (data.predictions || []).forEach((p, i) => {
@@ -51,7 +78,7 @@ document.addEventListener("DOMContentLoaded", () => {
           FT.el(
             "div",
             { class: "prediction" },
-            url ? FT.el("img", { src: url, alt: file.name }) : FT.el("span"),
+            url ? preview(url, file.name, p.gradcam) : FT.el("span"),
             FT.el(
               "div",
               {},

@@ -146,3 +146,36 @@ def test_the_report_lists_exactly_the_misclassified_test_images(weak_run: Traine
     ]
     assert wrong["count"] == len(test) and wrong["total"] == len(expected) > 0
     assert wrong["items"] == expected
+
+
+def test_the_onnx_export_applies_the_temperature(weak_run: Trained, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from finetune.export import (
+        ONNX,
+        ExportError,
+        export_run,
+        onnx_probabilities,
+        onnx_session,
+        read_metadata,
+        verified_export,
+    )
+
+    predictor = Predictor.from_run(weak_run.run_dir, device="cpu")
+    assert predictor.temperature != 1.0  # a model with wrong answers to calibrate against
+    result = export_run(weak_run.run_dir, ONNX, predictor=predictor)
+    assert read_metadata(ONNX, result.path)["calibration"]["temperature"] == predictor.temperature
+    crops = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    exported = onnx_probabilities(onnx_session(result.path))(crops)
+    assert np.allclose(exported, predictor.probabilities(list(crops)).numpy(), atol=1e-5)
+
+    # A checkpoint whose calibration changed no longer matches the stored export: it is made again.
+    meta_path = weak_run.run_dir / "best" / "meta.json"
+    original = meta_path.read_text()
+    try:
+        meta = json.loads(original)
+        meta["calibration"]["temperature"] = predictor.temperature * 2
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(ExportError, match="calibration"):
+            verified_export(weak_run.run_dir, ONNX)
+    finally:
+        meta_path.write_text(original)
