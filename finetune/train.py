@@ -603,6 +603,13 @@ class _Run:
             logits, labels = outputs["test"]
             paths = [s.path for s in self.data.dataset.split("test")]
             wrong = misclassified(calibrated(logits, calibration["temperature"]), labels, paths)
+            # Where ``path`` is relative to: the dataset's folder as the run was given it, and from the run
+            # folder (found wherever the folders are mounted), as in dataset.json.
+            wrong.update(
+                split="test",
+                root=str(self.data.dataset.root),
+                root_from_run=os.path.relpath(self.data.dataset.root, self.run_dir),
+            )
         self.info.write_report(self.state, evaluation, misclassified=wrong)
         return evaluation
 

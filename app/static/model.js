@@ -246,3 +246,81 @@ document.addEventListener("DOMContentLoaded", () => {
     });
   }
 });
+
+// The misclassified gallery: test images the model got wrong, grouped by confusion (true -> predicted, the most
+// frequent first); a click on a confusion-matrix cell shows that cell's images.
+document.addEventListener("DOMContentLoaded", () => {
+  const section = document.getElementById("misclassified");
+  if (!section) return;
+  const modelId = encodeURIComponent(section.dataset.modelId);
+  const gallery = document.getElementById("gallery");
+  const summary = document.getElementById("gallery-summary");
+  const allButton = document.getElementById("gallery-all");
+
+  function render(data, cell) {
+    gallery.replaceChildren();
+    if (!data.available) {
+      summary.textContent = "This model was trained before its misclassified images were recorded.";
+      return;
+    }
+    if (!data.total) {
+      summary.textContent = `The model got every one of the ${data.images} test images right.`;
+      return;
+    }
+    const shown = data.recorded < data.total ? ` (the first ${data.recorded} are listed)` : "";
+    summary.textContent = cell
+      ? `${cell} — click another cell of the confusion matrix, or see all confusions.`
+      : `${data.total} of ${data.images} test images are misclassified${shown}. Click a cell of the confusion matrix to see its images.`;
+    for (const group of data.confusions) {
+      const thumbs = FT.el("div", { class: "gallery-thumbs" });
+      for (const item of group.items) {
+        thumbs.append(
+          FT.el(
+            "figure",
+            { class: "gallery-item", title: item.path },
+            FT.el("img", { src: item.thumbnail_url, alt: item.path, loading: "lazy" }),
+            FT.el("figcaption", { class: "small", text: `${group.predicted} ${FT.pct(item.probability)}` }),
+          ),
+        );
+      }
+      const more = group.count > group.items.length ? ` (${group.items.length} shown)` : "";
+      gallery.append(
+        FT.el(
+          "div",
+          { class: "gallery-group", "data-true": group.true_index, "data-predicted": group.predicted_index },
+          FT.el("h3", { text: `${group.true} → ${group.predicted} · ${group.count} image${group.count === 1 ? "" : "s"}${more}` }),
+          thumbs,
+        ),
+      );
+    }
+  }
+
+  async function load(trueIndex, predictedIndex) {
+    const cell = trueIndex !== undefined;
+    const query = cell ? `?true=${trueIndex}&predicted=${predictedIndex}&limit=500` : "?limit=12";
+    try {
+      const data = await FT.api("GET", `/api/v1/models/${modelId}/misclassified${query}`);
+      const group = data.confusions[0];
+      render(data, cell && group ? `${group.true} → ${group.predicted}: ${group.count} image${group.count === 1 ? "" : "s"}` : null);
+      allButton.hidden = !cell;
+    } catch (e) {
+      summary.textContent = e.message;
+    }
+  }
+
+  document.addEventListener("click", (event) => {
+    const td = event.target.closest("td.cell-link");
+    if (!td) return;
+    load(td.dataset.true, td.dataset.predicted);
+    section.scrollIntoView({ behavior: "smooth", block: "start" });
+  });
+  document.addEventListener("keydown", (event) => {
+    const td = event.target.closest && event.target.closest("td.cell-link");
+    if (td && (event.key === "Enter" || event.key === " ")) {
+      event.preventDefault();
+      td.click();
+    }
+  });
+  allButton.addEventListener("click", () => load());
+  load();
+});

@@ -1,5 +1,5 @@
 """/api/v1/models: list, get (metrics, per class, confusion matrix, calibration, training config, exports and
-serving), change the "unknown" threshold, download the checkpoint bundle, export (ONNX, TorchScript, int8
+serving), change the "unknown" threshold, the misclassified test images, download the checkpoint bundle, export (ONNX, TorchScript, int8
 ONNX, each parity-checked), choose the serving precision, delete. Prediction is in ``predict.py``."""
 
 from __future__ import annotations
@@ -241,6 +241,76 @@ def patch_model(
     session.commit()
     request.app.state.predict_lookups.models.discard(model_id)
     return model_out(model, storage)
+
+
+class MisclassifiedItem(BaseModel):
+    index: int = Field(description="its place in the model's list (the thumbnail's address)")
+    path: str = Field(description="the file, relative to the dataset's folder")
+    probability: float = Field(description="the (calibrated) probability the model gave the wrong class")
+    thumbnail_url: str
+
+
+class Confusion(BaseModel):
+    true: str
+    true_index: int
+    predicted: str
+    predicted_index: int
+    count: int = Field(description="test images of class `true` the model called `predicted`")
+    items: list[MisclassifiedItem] = Field(description="from `offset`, at most `limit`, most confident first")
+
+
+class MisclassifiedOut(BaseModel):
+    available: bool = Field(description="false for models trained before the list was recorded")
+    split: str
+    images: int = Field(description="images in the split")
+    total: int = Field(description="images the model got wrong")
+    recorded: int = Field(description="of those, how many the list keeps (the first 10,000)")
+    offset: int
+    limit: int
+    confusions: list[Confusion] = Field(description="the most frequent confusion first")
+
+
+@router.get(
+    "/{model_id}/misclassified",
+    summary="The test images the model got wrong, grouped by confusion (true -> predicted)",
+    description="`true` and `predicted` (class indices) keep one confusion-matrix cell, or one row or column. "
+    "Each group lists its images from `offset`, at most `limit`, most confident first.",
+)
+def get_misclassified(
+    model_id: str,
+    session: SessionDep,
+    storage: StorageDep,
+    user: CurrentUser,
+    true: Annotated[int | None, Query(ge=0, description="the true class's index")] = None,
+    predicted: Annotated[int | None, Query(ge=0, description="the predicted class's index")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 12,
+) -> MisclassifiedOut:
+    model = svc.get_owned(session, user, model_id)
+    gallery = svc.misclassified_gallery(storage, model, true=true, predicted=predicted, offset=offset, limit=limit)
+    return MisclassifiedOut.model_validate(gallery)
+
+
+@router.get(
+    "/{model_id}/misclassified/{index}/thumbnail",
+    response_class=Response,
+    summary="A small JPEG of one misclassified test image",
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
+def get_misclassified_thumbnail(
+    model_id: str, index: int, session: SessionDep, storage: StorageDep, user: CurrentUser
+) -> Response:
+    model = svc.get_owned(session, user, model_id)
+    data = svc.misclassified_thumbnail(storage, model, index)
+    return Response(
+        data,
+        media_type="image/jpeg",
+        headers={
+            "Cache-Control": "private, max-age=86400",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Disposition": f'attachment; filename="misclassified-{model.id}-{index}.jpg"',
+        },
+    )
 
 
 # One export at a time per API process: each runs the test split through two networks on every core.
