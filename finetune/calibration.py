@@ -153,6 +153,15 @@ def calibrate(
     """Fit on ``splits["val"]`` (logits, labels); returns (what the checkpoint keeps, the report for the
     evaluation: per split ECE before/after with reliability bins, and the validation coverage curve)."""
     val_logits, val_labels = splits["val"]
+    finite = {name: bool(torch.isfinite(logits).all()) for name, (logits, _) in splits.items()}
+    if not finite["val"]:  # a diverged network: nothing sensible to fit (and NaN is not JSON for a database)
+        meta: dict[str, Any] = {
+            "temperature": 1.0,
+            "threshold": None,
+            "target_precision": target_precision,
+            "fitted_on": None,
+        }
+        return meta, {**meta, "note": "not fitted: the network's validation outputs are not finite"}
     temperature = fit_temperature(val_logits, val_labels)
     val_probs = calibrated(val_logits, temperature)
     threshold = choose_threshold(val_probs, val_labels, target_precision)
@@ -169,6 +178,6 @@ def calibrate(
         "coverage": coverage_curve(val_probs, val_labels),
     }
     for name, (logits, labels) in splits.items():
-        if len(labels):
+        if len(labels) and finite[name]:
             report[name] = split_summary(logits, labels, temperature)
     return meta, report

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from finetune.calibration import (
+    calibrate,
     calibrated,
     choose_threshold,
     coverage_curve,
@@ -35,8 +36,8 @@ def _overconfident_logits(n: int, classes: int = 5, sharpen: float = 6.0, seed: 
 
 
 def test_temperature_scaling_lowers_the_calibration_error_of_an_overconfident_model() -> None:
-    logits, labels = _overconfident_logits(4000)
-    fit_logits, fit_labels, held_logits, held_labels = logits[:2000], labels[:2000], logits[2000:], labels[2000:]
+    logits, labels = _overconfident_logits(2000)
+    fit_logits, fit_labels, held_logits, held_labels = logits[:1000], labels[:1000], logits[1000:], labels[1000:]
     t = fit_temperature(fit_logits, fit_labels)
     # Under this noise the calibrated logits are 1.8 x the honest ones (the log-likelihood ratio), so the
     # right temperature for the x6 sharpened ones is 6 / 1.8 = 3.3.
@@ -179,3 +180,10 @@ def test_the_onnx_export_applies_the_temperature(weak_run: Trained, tmp_path: Pa
             verified_export(weak_run.run_dir, ONNX)
     finally:
         meta_path.write_text(original)
+
+
+def test_a_diverged_network_is_left_uncalibrated() -> None:
+    logits = torch.full((4, 3), float("nan"))
+    meta, report = calibrate({"val": (logits, torch.arange(4) % 3)})
+    assert meta["temperature"] == 1.0 and meta["threshold"] is None
+    assert "val" not in report and json.dumps(report, allow_nan=False)
