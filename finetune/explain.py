@@ -46,6 +46,8 @@ class GradCam:
 
     def __init__(self, model: nn.Module, arch: str, prep: Preprocessing, normalize: Any) -> None:
         self.model = model.eval()
+        for param in self.model.parameters():  # gradients flow to the hooked activations only
+            param.requires_grad_(False)
         self.prep = prep
         self.normalize = normalize  # uint8 NHWC crops -> the network's float input (``loader.Normalizer``)
         self._layer = target_layer(self.model, arch)
@@ -65,10 +67,9 @@ class GradCam:
             try:
                 device = next(self.model.parameters()).device
                 x = self.normalize(torch.from_numpy(np.ascontiguousarray(crop[None])).to(device)).float()
-                x = x.contiguous().requires_grad_(True)  # a graph even when every parameter is frozen
+                x = x.contiguous().requires_grad_(True)  # the graph starts at the input: parameters are frozen
                 logits = self.model(x)
                 index = int(logits.argmax(1)) if class_index is None else int(class_index)
-                self.model.zero_grad(set_to_none=True)
                 logits[0, index].backward()
             finally:
                 handle.remove()
