@@ -13,7 +13,8 @@ The threshold: predict answers ``unknown`` when the top calibrated probability i
 the validation split as the lowest confidence at which the answers given still reach ``target_precision``
 (default 0.95: at most one answer in twenty wrong), which answers as many images as that precision allows.
 When even the most confident answers miss the target, no threshold is chosen (``None``) and every image is
-answered; a user can set one either way.
+answered; a user can set one either way. A validation split of fewer than ``MIN_IMAGES`` images is too small
+to fit either: the model keeps ``T = 1`` and no threshold.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_TARGET_PRECISION = 0.95
+# Fewer validation images than this say too little for a temperature or a 95%-precision threshold (one image
+# is more than 3 points of precision): the model is left uncalibrated.
+MIN_IMAGES = 30
 ECE_BINS = 15
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 20.0
 # Thresholds at which the coverage/accuracy trade-off is drawn.
@@ -151,32 +155,29 @@ def calibrate(
     splits: dict[str, tuple[torch.Tensor, torch.Tensor]], target_precision: float = DEFAULT_TARGET_PRECISION
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit on ``splits["val"]`` (logits, labels); returns (what the checkpoint keeps, the report for the
-    evaluation: per split ECE before/after with reliability bins, and the validation coverage curve)."""
+    evaluation: per split ECE before/after with reliability bins, and the validation coverage curve).
+
+    With fewer than ``MIN_IMAGES`` validation images (or a diverged network) nothing is fitted: the
+    temperature stays 1, no threshold is chosen, and the report's ``note`` says why."""
     val_logits, val_labels = splits["val"]
     finite = {name: bool(torch.isfinite(logits).all()) for name, (logits, _) in splits.items()}
-    if not finite["val"]:  # a diverged network: nothing sensible to fit (and NaN is not JSON for a database)
-        meta: dict[str, Any] = {
-            "temperature": 1.0,
-            "threshold": None,
-            "target_precision": target_precision,
-            "fitted_on": None,
-        }
-        return meta, {**meta, "note": "not fitted: the network's validation outputs are not finite"}
-    temperature = fit_temperature(val_logits, val_labels)
+    note = None
+    if not finite["val"]:  # nothing sensible to fit (and NaN is not JSON for a database)
+        note = "not calibrated: the network's validation outputs are not finite"
+    elif len(val_labels) < MIN_IMAGES:
+        note = f"not calibrated: {len(val_labels)} validation images are too few (at least {MIN_IMAGES} are needed)"
+    temperature = fit_temperature(val_logits, val_labels) if note is None else 1.0
     val_probs = calibrated(val_logits, temperature)
-    threshold = choose_threshold(val_probs, val_labels, target_precision)
-    meta = {
+    meta: dict[str, Any] = {
         "temperature": temperature,
-        "threshold": threshold,
+        "threshold": choose_threshold(val_probs, val_labels, target_precision) if note is None else None,
         "target_precision": target_precision,
-        "fitted_on": "val",
+        "fitted_on": "val" if note is None else None,
         "images": len(val_labels),
     }
-    report: dict[str, Any] = {
-        **meta,
-        "bins": ECE_BINS,
-        "coverage": coverage_curve(val_probs, val_labels),
-    }
+    report: dict[str, Any] = {**meta, "bins": ECE_BINS, "note": note}
+    if finite["val"]:
+        report["coverage"] = coverage_curve(val_probs, val_labels)
     for name, (logits, labels) in splits.items():
         if len(labels) and finite[name]:
             report[name] = split_summary(logits, labels, temperature)

@@ -36,7 +36,8 @@ def _predict(client: TestClient, model_id: str) -> list[dict[str, Any]]:
 def test_the_model_shows_its_calibration_and_chosen_threshold(client: TestClient, model_id: str) -> None:
     body = client.get(f"/api/v1/models/{model_id}").json()
     c = body["calibration"]
-    assert c["temperature"] > 0 and c["fitted_on"] == "val"
+    # This small model's validation split is below the minimum: measured, not fitted, and it says so.
+    assert c["temperature"] == 1.0 and c["fitted_on"] is None and "too few" in c["note"]
     assert {"ece_before", "ece_after", "reliability_before", "reliability_after"} <= set(c["val"])
     assert len(c["val"]["reliability_after"]) == c["bins"]
     assert c["coverage"][0]["threshold"] == 0.0 and c["coverage"][0]["coverage"] == 1.0
@@ -87,4 +88,4 @@ def test_the_model_page_shows_calibration_error_and_the_charts(client: TestClien
     assert 'id="calibration"' in page and 'id="reliability-chart"' in page and 'id="coverage-chart"' in page
     val = body["calibration"]["val"]
     assert f"{val['ece_before'] * 100:.1f}% → {val['ece_after'] * 100:.1f}%" in page
-    assert 'id="threshold-form"' in page
+    assert 'id="threshold-form"' in page and "too few (at least 30 are needed)" in page

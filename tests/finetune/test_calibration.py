@@ -23,7 +23,7 @@ from finetune.dataset import load_dataset
 from finetune.predict import UNKNOWN, Predictor
 from finetune.serving import TORCH_CHANNELS_LAST, TORCH_EAGER, torch_runtime
 
-from .helpers import Trained, lenet_config, run_training
+from .helpers import Trained, lenet_config, make_shapes_dataset, run_training
 
 
 def _overconfident_logits(n: int, classes: int = 5, sharpen: float = 6.0, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -79,10 +79,11 @@ def test_a_model_right_on_every_validation_image_keeps_temperature_one() -> None
 
 
 @pytest.fixture(scope="module")
-def weak_run(shapes_data: Path, session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
-    """One short epoch at a low rate: a model that gets many test images wrong."""
-    out = tmp_path_factory.mktemp("weak") / "run"
-    return run_training(lenet_config(shapes_data, out, session_cache, epochs=1, lr=2e-4, seed=3))
+def weak_run(session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """One short epoch at a low rate on 40 validation images: a model that gets many images wrong."""
+    root = tmp_path_factory.mktemp("weak")
+    data = make_shapes_dataset(root / "data", per_class=50, seed=7)
+    return run_training(lenet_config(data, root / "run", session_cache, epochs=1, lr=1e-3, seed=3, val_fraction=0.27))
 
 
 def test_the_best_checkpoint_carries_the_fitted_calibration(weak_run: Trained) -> None:
@@ -183,7 +184,16 @@ def test_the_onnx_export_applies_the_temperature(weak_run: Trained, tmp_path: Pa
 
 
 def test_a_diverged_network_is_left_uncalibrated() -> None:
-    logits = torch.full((4, 3), float("nan"))
-    meta, report = calibrate({"val": (logits, torch.arange(4) % 3)})
-    assert meta["temperature"] == 1.0 and meta["threshold"] is None
-    assert "val" not in report and json.dumps(report, allow_nan=False)
+    logits = torch.full((40, 3), float("nan"))
+    meta, report = calibrate({"val": (logits, torch.arange(40) % 3)})
+    assert meta["temperature"] == 1.0 and meta["threshold"] is None and meta["fitted_on"] is None
+    assert "val" not in report and "not finite" in report["note"] and json.dumps(report, allow_nan=False)
+
+
+def test_too_few_validation_images_are_not_calibrated_on() -> None:
+    logits, labels = _overconfident_logits(29)
+    meta, report = calibrate({"val": (logits, labels)})
+    assert meta["temperature"] == 1.0 and meta["threshold"] is None and "29 validation images" in report["note"]
+    assert report["val"]["ece_before"] == report["val"]["ece_after"]  # still measured, for the page
+    meta, report = calibrate({"val": _overconfident_logits(300)})
+    assert meta["temperature"] != 1.0 and meta["fitted_on"] == "val" and report["note"] is None
