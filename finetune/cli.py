@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir")
     e.add_argument("--json", action="store_true")
 
-    pr = sub.add_parser("predict", help="print the top-k labels of images")
+    pr = sub.add_parser(
+        "predict", help='print the label (or "unknown" below the calibrated threshold) and top-k labels of images'
+    )
     pr.add_argument("run_dir")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
     pr.add_argument("--top-k", type=int, default=5)
@@ -334,8 +336,9 @@ def cmd_predict(args: argparse.Namespace, out: Output) -> int:
     results = []
     for path in args.images:
         try:
-            (preds,) = predictor.predict([Path(path)], top_k=args.top_k)
-            results.append({"image": path, "predictions": [p.to_dict() for p in preds]})
+            probs = predictor.probabilities([predictor.preprocess(Path(path))])
+            (preds,), (label,) = predictor.top_k(probs, args.top_k), predictor.answer(probs)
+            results.append({"image": path, "label": label, "predictions": [p.to_dict() for p in preds]})
         except ImageError as e:
             status = EXIT_BAD_INPUT
             results.append({"image": path, "error": str(e)})
@@ -346,7 +349,7 @@ def cmd_predict(args: argparse.Namespace, out: Output) -> int:
             if "error" in r:
                 out.line(f"{r['image']}: error: {r['error']}")
                 continue
-            out.line(f"{r['image']}:")
+            out.line(f"{r['image']}: {r['label']}")
             for p in r["predictions"]:
                 out.line(f"  {p['probability']:7.2%}  {p['label']}")
     return status

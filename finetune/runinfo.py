@@ -81,12 +81,17 @@ class RunInfo:
             info["evaluation"] = evaluation
         atomic_write_json(path, info)
 
-    def write_report(self, state: RunState, evaluation: dict[str, Any]) -> None:
+    def write_report(
+        self, state: RunState, evaluation: dict[str, Any], *, misclassified: dict[str, Any] | None = None
+    ) -> None:
+        """``report.json``: the evaluation, and the test images the model got wrong (``misclassified``:
+        dataset-relative paths, kept here rather than in ``run.json`` and the service's database)."""
         report = {
             "evaluation": evaluation,
             "history": state.history,
             "dataset": self.dataset.report(include_files=False),
             "best_epoch": state.tracker.best_epoch,
             "monitor": self.monitor,
+            "misclassified": misclassified,
         }
         atomic_write_json(self.run_dir / REPORT_FILE, report)

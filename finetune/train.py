@@ -24,9 +24,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .calibration import calibrate, calibrated
 from .checkpoint import (
     RUN_FILE,
     Checkpoint,
+    add_to_meta,
     atomic_write_json,
     contiguous_state,
     load_checkpoint,
@@ -38,7 +40,7 @@ from .config import TrainConfig
 from .dataset import Dataset, DatasetOptions, read_split_file
 from .datastore import StoredDataset, load_into_store
 from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
-from .evaluate import metrics_from_logits, predict_logits, validation_metrics
+from .evaluate import metrics_from_logits, misclassified, predict_logits, validation_metrics
 from .events import (
     BatchEnd,
     Callback,
@@ -588,11 +590,27 @@ class _Run:
         self.model.load_state_dict(best.state_dict())
         model = inference_model(self.model)  # exactly what the predictor will run
         evaluation: dict[str, Any] = {"checkpoint": best.path.name, "epoch": best.epoch}
+        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, images in (("val", self.data.val_images), ("test", self.data.test_images)):
             if len(images) > 0:
-                logits, labels = evaluate(model, images, self)
-                evaluation[name] = metrics_from_logits(logits, labels, self.data.dataset.classes)
-        self.info.write_report(self.state, evaluation)
+                outputs[name] = evaluate(model, images, self)
+                evaluation[name] = metrics_from_logits(*outputs[name], self.data.dataset.classes)
+        # Fitted on val, kept with the weights it belongs to: whoever loads the checkpoint applies it.
+        calibration, evaluation["calibration"] = calibrate(outputs)
+        add_to_meta(best, "calibration", calibration)
+        wrong = None
+        if "test" in outputs:
+            logits, labels = outputs["test"]
+            paths = [s.path for s in self.data.dataset.split("test")]
+            wrong = misclassified(calibrated(logits, calibration["temperature"]), labels, paths)
+            # Where ``path`` is relative to: the dataset's folder as the run was given it, and from the run
+            # folder (found wherever the folders are mounted), as in dataset.json.
+            wrong.update(
+                split="test",
+                root=str(self.data.dataset.root),
+                root_from_run=os.path.relpath(self.data.dataset.root, self.run_dir),
+            )
+        self.info.write_report(self.state, evaluation, misclassified=wrong)
         return evaluation
 
 

@@ -247,6 +247,9 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # "fp32", or "int8" (ONNX Runtime, quantized) once the owner has seen its accuracy change on the test split.
     serving_precision: Mapped[str] = mapped_column(String(8), default="fp32", server_default="fp32")
+    # The owner's "unknown" threshold for predict (0..1); None: the one chosen on validation after training,
+    # which lives with the calibration in the checkpoint's metadata.
+    threshold: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class Worker(Base):

@@ -413,6 +413,8 @@ def model_page(
             "exports": export_svc.exports_info(request.app.state.storage, model),
             "serving": export_svc.serving_info(request.app.state.storage, model, _loaded_info(request, model.id)),
             "formats": EXPORT_FORMATS,
+            "calibration": evaluation.get("calibration") if isinstance(evaluation.get("calibration"), dict) else None,
+            "threshold": model_svc.threshold_info(model),
         },
     )
 
