@@ -220,7 +220,7 @@ def _requested_devices(args: argparse.Namespace) -> int:
     if args.resume:
         run_file = Path(args.resume) / "run.json"
         if not run_file.is_file():
-            raise InputError(f"{args.resume} is not a run directory (no run.json)")
+            return 1  # the resume itself says what is wrong
         return int(json.loads(run_file.read_text()).get("config", {}).get("devices", 1))
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     if args.data and args.out:
