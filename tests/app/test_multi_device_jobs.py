@@ -62,6 +62,12 @@ def test_more_devices_than_any_worker_has_is_refused_with_the_reason(
         s.execute(update(Worker).values(stopped_at=state.db_now()))
 
 
+def test_the_job_form_asks_for_devices(client: TestClient) -> None:
+    dataset = upload_zip(client, dataset_files(per_class=6))
+    html = client.get(f"/jobs/new?dataset={dataset['id']}").text
+    assert 'name="devices"' in html and "Devices (GPUs)" in html
+
+
 def test_cached_feature_strategies_stay_on_one_device(client: TestClient) -> None:
     dataset = upload_zip(client, dataset_files(per_class=6))
     for strategy in ("frozen", "two-stage"):
