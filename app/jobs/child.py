@@ -58,6 +58,9 @@ class Superseded(Exception):
 
 
 EXIT_DRAINED = 75  # same as app.jobs.worker.EXIT_DRAINED (not imported: the worker module is not needed here)
+# Rank 0 of a job on several devices lost another rank (a collective failed): it records nothing, and its
+# launcher (app.jobs.ranks) reports how that rank ended, so the worker retries a killed rank's job.
+EXIT_PEER_LOST = 76
 
 
 class JobReporter:
@@ -238,6 +241,9 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
         _fail(settings, job_id, attempt, str(e), getattr(e, "code", "bad_input"))
         return 0
     except Exception as e:
+        if ranks is not None and lost_a_rank(e):
+            log.exception("job %s lost one of its ranks; its launcher reports how it ended", job_id)
+            return EXIT_PEER_LOST
         log.exception("job %s failed", job_id)
         _publish_quietly(storage, run_key)
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
@@ -265,6 +271,17 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
                 )
             )
     return 0
+
+
+def lost_a_rank(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo: the connection was reset or closed;
+    NCCL: the communicator aborted or timed out), not an error of this rank's own."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("by peer", "Connection closed", "Connection reset", "NCCL communicator", "Timed out")
+    )
 
 
 def _under_torchrun() -> bool:

@@ -20,13 +20,16 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from app.jobs.lifetime import die_with_parent
 
 log = logging.getLogger("app.jobs.ranks")
 
 DRAIN_SIGNAL = signal.SIGUSR1  # same as app.jobs.worker.DRAIN_SIGNAL
+EXIT_PEER_LOST = 76  # same as app.jobs.child.EXIT_PEER_LOST
 
 
 def child_pids(pid: int) -> list[int]:
@@ -77,14 +80,29 @@ def main(argv: list[str]) -> int:
     try:
         run(parse_args(torchrun_args(job_id, attempt, devices)))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        log.error("job %s attempt %s: rank %s ended with %s", job_id, attempt, rank, failure.exitcode)
-        if failure.exitcode < 0:  # killed by a signal: end the same way, as one job process would
-            sig = -failure.exitcode
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
-        return failure.exitcode or 1
+        code = cause(e.failures)
+        log.error(
+            "job %s attempt %s: ranks ended with %s", job_id, attempt, {r: f.exitcode for r, f in e.failures.items()}
+        )
+        if code < 0:  # killed by a signal: end the same way, as one job process would
+            if -code != signal.SIGKILL:  # its handler cannot be changed (nor caught)
+                signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+        return code or 1
     return 0
+
+
+def cause(failures: Mapping[int, Any]) -> int:
+    """The exit code that says why the ranks ended: a rank killed by a signal first (the OOM killer; the
+    others failed because it was gone), then a rank's own error, then what torchrun did to the others as it
+    stopped them (SIGTERM) and rank 0's "lost a rank"."""
+    codes = [f.exitcode for _, f in sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0]))]
+    stopping = (-signal.SIGTERM, 128 + signal.SIGTERM, EXIT_PEER_LOST)
+    for wanted in (lambda c: c < 0 and c not in stopping, lambda c: c not in stopping):
+        found = [c for c in codes if wanted(c)]
+        if found:
+            return found[0]
+    return codes[0] if codes else 1
 
 
 if __name__ == "__main__":

@@ -6,8 +6,12 @@ The end-to-end test runs on SQLite only (see ``sqlite_only``), like the other wo
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
@@ -15,7 +19,16 @@ from app.db import session_scope
 from app.db.tables import Worker
 from app.jobs import state
 from app.settings import Settings
-from tests.app.conftest import assert_error, dataset_files, sqlite_only, upload_zip, wait_for_job
+from tests.app.conftest import (
+    assert_error,
+    dataset_files,
+    job_processes,
+    sqlite_only,
+    upload_zip,
+    wait_for_job,
+    wait_until,
+)
+from tests.app.test_jobs_lifecycle import wait_for_checkpoint
 
 API = "/api/v1/jobs"
 TWO = {"model": "lenet", "weights": "none", "strategy": "full", "image_size": 32, "batch_size": 4, "devices": 2}
@@ -74,3 +87,31 @@ def test_cached_feature_strategies_stay_on_one_device(client: TestClient) -> Non
         body = {"dataset_id": dataset["id"], **TWO, "strategy": strategy}
         error = assert_error(client.post(API, json=body), 422, "bad_config")
         assert "strategy full" in error["message"]
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+@sqlite_only
+def test_a_killed_rank_has_the_whole_job_retried_from_its_checkpoint(
+    client: TestClient, settings: Settings, worker: subprocess.Popen[bytes]
+) -> None:
+    """Rank 1 dies as under the OOM killer: rank 0 records nothing (it only lost a peer), the job's launcher
+    ends by the same signal, and the worker retries the job from its last checkpoint, as for one process."""
+    dataset = upload_zip(client, dataset_files(per_class=10))
+    r = client.post(API, json={"dataset_id": dataset["id"], **TWO, "epochs": 12})
+    job = r.json()
+    checkpoint = wait_for_checkpoint(client, settings, job["id"])
+    (pid,) = wait_until(lambda: [p for p in job_processes(job["id"]) if _rank_of(p) == "1"], 30, "rank 1")
+    os.kill(pid, signal.SIGKILL)
+    done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=240)
+    assert done["status"] == "succeeded" and done["attempt"] == 2 and done["retries"] == 1, done
+    assert "killed by the system" in done["retry_reason"]  # SIGKILL, as a killed single process
+    assert [m["epoch"] for m in done["metrics"]] == list(range(1, 13))
+    assert {m["attempt"] for m in done["metrics"] if m["epoch"] <= checkpoint} == {1}
