@@ -67,7 +67,9 @@ def advertised_devices(settings: Settings) -> list[str]:
     """What a worker offers one job: its GPU ids, or on a host without GPUs ``cpu:0`` ... ``cpu:N-1``
     (``cpu_devices``: that many gloo processes)."""
     gpus = gpu_ids()
-    return gpus or [f"cpu:{i}" for i in range(settings.cpu_devices)]
+    if gpus:
+        return gpus[: settings.worker_slots or len(gpus)]  # the cards its slots use
+    return [f"cpu:{i}" for i in range(settings.cpu_devices)]
 
 
 def slot_count(settings: Settings) -> int:
@@ -105,6 +107,8 @@ class JobWorker:
         self.slots = settings.worker_slots or max(1, len(self.devices))
         # The most devices one job may use here: distinct cards among the slots, or gloo processes on a CPU.
         self.capacity = min(len(self.devices), self.slots) if self.devices else settings.cpu_devices
+        # What the registry shows and job requests are checked against: the cards its slots use, or cpu:N.
+        self.advertised = advertised_devices(settings) if not self.devices else self.devices[: self.capacity]
         self.weights = usable_weights(settings)
         self.queue = JobQueue(settings, runner=self.run_job)
         self.draining = threading.Event()
@@ -127,7 +131,7 @@ class JobWorker:
                 host=self.host,
                 pid=self.pid,
                 slots=self.slots,
-                devices=self.devices or [f"cpu:{i}" for i in range(self.settings.cpu_devices)],
+                devices=self.advertised,
                 weights=self.weights,
                 draining=False,
             )
