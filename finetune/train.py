@@ -290,6 +290,8 @@ def evaluate(
     dist = run.rt.dist
     if dist.enabled:
         logits, _ = _evaluate(model, images.subset(dist.shard(len(images))), run)
+        if len(logits) == 0:  # fewer images than ranks: this rank's share is empty
+            logits = torch.empty(0, run.data.dataset.num_classes)
         return dist.gather_shards(logits, len(images)), images.labels
     return _evaluate(model, images, run)
 

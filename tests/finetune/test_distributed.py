@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from finetune.config import TrainConfig
 from finetune.distributed import TIMEOUT_ENV
 from finetune.errors import ConfigError
+from finetune.loader import batches, shard_batches
 from finetune.train import train
 
 from .helpers import lenet_config, make_shapes_dataset, one_torch_thread
@@ -68,8 +69,9 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # 3 x 12 images; 0.2 val and 0.15 test leave 24 training images: 3 steps of a global batch of 8.
-    return make_shapes_dataset(tmp_path_factory.mktemp("ddp-shapes"), per_class=12, seed=0)
+    # 3 x 13 images: 24 training images (3 steps of a global batch of 8) and 9 validation images, which two
+    # ranks share unevenly (5 and 4) before their logits are gathered back in order.
+    return make_shapes_dataset(tmp_path_factory.mktemp("ddp-shapes"), per_class=13, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +162,20 @@ def test_several_devices_are_refused_outside_torchrun_and_for_cached_feature_str
         train(_config(data, tmp_path / "a", tmp_path / "cache"))
     with pytest.raises(ConfigError, match="strategy full"):
         _config(data, tmp_path / "b", tmp_path / "cache", strategy="frozen").validate()
+
+
+def test_the_sharded_order_deals_each_global_batch_out_across_ranks() -> None:
+    def gen() -> torch.Generator:
+        return torch.Generator().manual_seed(7)
+
+    n, batch, ranks = 27, 4, 2
+    order, _ = shard_batches(n, batch, 0, ranks, generator=gen())
+    shares = [shard_batches(n, batch, r, ranks, generator=gen())[1] for r in range(ranks)]
+    assert order == batches(n, batch * ranks, generator=gen(), drop_last=True)  # one process, global batch
+    for step, global_batch in enumerate(order):
+        assert sorted(i for share in shares for i in share[step]) == sorted(global_batch)
+        assert all(len(share[step]) == batch for share in shares)
+    seen = [i for share in shares for b in share for i in b]
+    assert len(seen) == len(set(seen)) == 24  # 3 global batches; the last 3 images wait for another epoch
+    # One rank: exactly the batches one process has always read.
+    assert shard_batches(n, batch, 0, 1, generator=gen())[1] == batches(n, batch, generator=gen(), drop_last=True)
