@@ -102,24 +102,3 @@ def test_multi_gpu_summary_is_images_per_second_and_scaling_efficiency() -> None
         {"ranks": 2, "images_per_sec": 1800.0, "scaling_efficiency": 0.9},
     ]
 
-
-@pytest.mark.slow
-def test_multi_gpu_benchmark_runs_two_ranks_with_only_torch_torchvision(tmp_path: Path) -> None:
-    """The same script on the CPU (gloo), two ranks under torchrun's module, bare packages."""
-    site = bare_site_packages(tmp_path / "site")
-    out = tmp_path / "ddp.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(PYTHONPATH=f"{site}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-S", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    args = ["--device", "cpu", "--arch", "resnet18", "--image-size", "64", "--batch", "2", "--seconds", "0"]
-    proc = subprocess.run(
-        [*launch, "-m", "bench.ddp", *args, "--steps", "2", "--warmup", "1", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    row = json.loads(out.read_text())
-    assert row["ranks"] == 2 and row["global_batch"] == 4 and row["images_per_sec"] > 0
