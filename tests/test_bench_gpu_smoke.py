@@ -101,4 +101,3 @@ def test_multi_gpu_summary_is_images_per_second_and_scaling_efficiency() -> None
         {"ranks": 1, "images_per_sec": 1000.0, "scaling_efficiency": 1.0},
         {"ranks": 2, "images_per_sec": 1800.0, "scaling_efficiency": 0.9},
     ]
-
