@@ -53,11 +53,19 @@ def model_meta(config: TrainConfig, dataset: Dataset, prep: Preprocessing, built
 
 
 class RunInfo:
-    def __init__(self, run_dir: Path, meta: dict[str, Any], dataset: Dataset, monitor: str) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        meta: dict[str, Any],
+        dataset: Dataset,
+        monitor: str,
+        training: dict[str, Any] | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.meta = meta
         self.dataset = dataset
         self.monitor = monitor
+        self.training = training or {}  # devices, batch per device and per step, learning rate
 
     def write(
         self, state: RunState, *, status: str, evaluation: dict[str, Any] | None = None, error: str | None = None
@@ -72,6 +80,7 @@ class RunInfo:
             "best_epoch": state.tracker.best_epoch,
             "best_metric": state.tracker.best,
             "monitor": self.monitor,
+            "training": self.training,
             "dataset": self.dataset.report(include_files=False),
             "created_at": previous.get("created_at") or now(),
             "updated_at": now(),

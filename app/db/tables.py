@@ -262,7 +262,7 @@ class Worker(Base):
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     slots: Mapped[int] = mapped_column(Integer)
-    devices: Mapped[list[Any]] = mapped_column()  # GPU ids its jobs are pinned to ([] on a CPU host)
+    devices: Mapped[list[Any]] = mapped_column()  # GPU ids its jobs are pinned to; cpu:N entries on a CPU host
     weights: Mapped[list[Any]] = mapped_column()  # architectures whose ImageNet weights it holds
     started_at: Mapped[datetime] = mapped_column()
     heartbeat_at: Mapped[datetime] = mapped_column()

@@ -57,6 +57,7 @@ MAIN_SETTINGS = (
     "epochs",
     "head_epochs",
     "batch_size",
+    "devices",
     "lr",
     "image_size",
     "optimizer",
@@ -78,7 +79,8 @@ ARCH_NOTES = {
 }
 FIELD_LABELS = {
     "lr": "Learning rate",
-    "batch_size": "Batch size",
+    "batch_size": "Batch size (per device)",
+    "devices": "Devices (GPUs)",
     "image_size": "Image size (px)",
     "head_epochs": "Head epochs",
     "backbone_lr_mult": "Backbone LR multiplier",
