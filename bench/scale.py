@@ -178,6 +178,9 @@ class Sampler:
         self.interval = interval
         self.peak_rss_kb = 0
         self.peak_hwm_kb = 0
+        # RssAnon: the process's own memory; VmRSS/VmHWM also count the pixel store's mapped pages, which the
+        # kernel drops under pressure like any page cache.
+        self.peak_anon_kb = 0
         self.max_files = 0
         self.file_counts: list[int] = []
         self._stop = threading.Event()
@@ -198,6 +201,7 @@ class Sampler:
                 continue
             self.peak_rss_kb = max(self.peak_rss_kb, _status(pid, "VmRSS"))
             self.peak_hwm_kb = max(self.peak_hwm_kb, _status(pid, "VmHWM"))
+            self.peak_anon_kb = max(self.peak_anon_kb, _status(pid, "RssAnon"))
             files = _open_files(pid)
             if files:
                 self.file_counts.append(files)
@@ -274,6 +278,7 @@ def service_run(name: str, kind: str, n: int, folder: Path, archive: Path, work:
                 "ingest_images_per_sec": n / total,
                 "api_rss_before_mb": rss_before / 1024,
                 "api_peak_rss_mb": max(api_watch.peak_hwm_kb, _status(api.pid, "VmHWM")) / 1024,
+                "api_peak_anon_mb": api_watch.peak_anon_kb / 1024,
                 "usable_images": d["num_images"],
                 "store_bytes": store["used_bytes"] + catalog,
                 "store_entries": store["entries"],
@@ -325,6 +330,7 @@ def service_run(name: str, kind: str, n: int, folder: Path, archive: Path, work:
             "epoch_images_per_sec": epoch.get("images_per_sec"),
             "val_acc": epoch.get("val_acc"),
             "peak_rss_mb": job_watch.peak_hwm_kb / 1024,
+            "peak_anon_mb": job_watch.peak_anon_kb / 1024,
             "max_open_files": job_watch.max_files,
             "median_open_files": sorted(job_watch.file_counts)[len(job_watch.file_counts) // 2]
             if job_watch.file_counts
