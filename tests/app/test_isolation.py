@@ -82,6 +82,11 @@ ID_ROUTES = [
     Route("GET", "/api/v1/models/{model_id}/export", 200),
     Route("POST", "/api/v1/models/{model_id}/exports", 200),
     Route("PUT", "/api/v1/models/{model_id}/serving", 200, body={"precision": "fp32"}),
+    Route("PATCH", "/api/v1/models/{model_id}", 200, body={"threshold": 0.5}),
+    Route("GET", "/api/v1/models/{model_id}/misclassified", 200),
+    # The shared model got every test image right, so even an admin finds no image 0 in its gallery; a model
+    # with wrong answers, its thumbnails and another user's 404 are in test_misclassified_api.py.
+    Route("GET", "/api/v1/models/{model_id}/misclassified/{index}/thumbnail", 404),
 ]
 # Routes under /api/v1 without anyone's id: lists (test_lists_show_only_ones_own_rows) and the rest.
 LISTS = {"/api/v1/datasets": "datasets", "/api/v1/jobs": "jobs", "/api/v1/models": "models"}
