@@ -410,6 +410,7 @@ def main(argv: list[str]) -> int:
     # worker drains) stops it at the next batch boundary for another worker to continue.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGUSR1, lambda *_: reporter.drain())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})  # blocked by the worker until now
     return run(settings, job_id, attempt, reporter)
 
 

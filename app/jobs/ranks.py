@@ -74,6 +74,7 @@ def main(argv: list[str]) -> int:
     die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(DRAIN_SIGNAL, _forward_drain)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {DRAIN_SIGNAL})  # blocked by the worker until now
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 

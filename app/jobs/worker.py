@@ -258,7 +258,13 @@ class JobWorker:
             if not cards:
                 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
         with open(logs / f"job-{job_id}-{attempt}.log", "ab") as logfile:
-            proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+            # The child starts with the drain signal blocked (a mask survives exec) and unblocks it once its
+            # handler is in place: a drain in its first second then waits for it instead of killing it.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, {DRAIN_SIGNAL})
+            try:
+                proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             log.info("job %s attempt %s: started process %s", job_id, attempt, proc.pid)
             with self._lock:
                 self._children[job_id] = proc
