@@ -53,9 +53,14 @@ def model_meta(config: TrainConfig, dataset: Dataset, prep: Preprocessing, built
 
 
 class RunInfo:
-    def __init__(self, run_dir: Path, meta: dict[str, Any], dataset: Dataset, monitor: str) -> None:
+    def __init__(
+        self, run_dir: Path, meta: dict[str, Any], dataset: Dataset, monitor: str, extras: dict[str, Any] | None = None
+    ) -> None:
         self.run_dir = run_dir
         self.meta = meta
+        # Facts of the run's start that only run.json keeps (not every checkpoint): the defaults chosen with
+        # their reasons, the learning-rate range test's curve, the budget's plan.
+        self.extras = extras or {}
         self.dataset = dataset
         self.monitor = monitor
 
@@ -66,6 +71,7 @@ class RunInfo:
         previous = read_json(path) if path.exists() else {}
         info = {
             **previous,
+            **self.extras,
             **self.meta,
             "status": status,
             "history": state.history,
