@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from sqlalchemy import func, select
@@ -40,6 +40,9 @@ def _hyperparameter_fields() -> dict[str, Any]:
         constraints = {}
         if meta.get("min") is not None and base in ("int", "float"):
             constraints = {"ge": meta["min"], "le": meta["max"]}
+        if base == "float | str":  # a rate or "auto" (the engine's range test picks it)
+            rate: Any = Annotated[float, Field(ge=meta["min"], le=meta["max"])]
+            py, constraints = rate | Literal["auto"], {}
         annotation = py | None if "None" in str(f.type) else py
         fields[f.name] = (annotation, Field(f.default, description=meta.get("help"), **constraints))
     return fields
