@@ -111,8 +111,9 @@ def _image_size(model: str, pretrained: bool, facts: DataFacts | None) -> Choice
         return Choice("image_size", usual, f"image size {usual}: {model}'s usual size (the images' sizes are unknown)")
     side = facts.median_side
     smallest = MIN_IMAGE_SIZE.get(model, MIN_IMAGE_SIZE_DEFAULT)
-    size = max(smallest, min(usual, 8 * math.ceil(side / 8)))
-    if size > 2 * side:
+    rounded = 8 * math.ceil(side / 8)
+    size = max(smallest, min(usual, rounded))
+    if size > rounded:
         reason = f"the images are {_px(side)}, and {smallest} px is the smallest input {model} takes"
     elif side > usual:
         reason = (
