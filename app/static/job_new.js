@@ -77,6 +77,8 @@ document.addEventListener("DOMContentLoaded", () => {
       if (!input) continue;
       if (input.tagName === "SELECT" && input.dataset.optional) {
         input.options[0].textContent = `default (${choice.value ? "on" : "off"})`;
+      } else if (input.dataset.type === "rate") {
+        input.placeholder = `default (${choice.value}), or auto`;
       } else if (input.type !== "checkbox") {
         input.placeholder = `auto (${choice.value})`;
       }
