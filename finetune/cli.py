@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=fields["strategy"].metadata["choices"],
         help=fields["strategy"].metadata["help"],
     )
-    t.add_argument("--epochs", type=int, default=10, help=fields["epochs"].metadata["help"] + " (default: 10)")
+    t.add_argument("--epochs", type=int, default=None, help=fields["epochs"].metadata["help"])
     _add_config_options(t)
     t.add_argument("--json", action="store_true", help="print events and the result as JSON lines")
 

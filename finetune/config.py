@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("val_acc", "val_loss")
+DEFAULT_EPOCHS = 10
 
 
 def _f(
@@ -54,7 +55,13 @@ class TrainConfig:
         "auto: two-stage with pretrained weights, full without",
         choices=STRATEGIES,
     )
-    epochs: int = _f(10, "epochs (for two-stage: epochs after unfreezing)", min=1, max=1000)
+    epochs: int | None = _f(
+        None,
+        "epochs (for two-stage: epochs after unfreezing; default: 10 with pretrained weights; from random "
+        "initialisation, enough for about 2,000 optimizer steps, 10 to 30 epochs)",
+        min=1,
+        max=1000,
+    )
     head_epochs: int = _f(10, "two-stage: epochs of head training on cached features first", min=1, max=1000)
     batch_size: int = _f(32, "images per optimizer step", min=1, max=4096)
     image_size: int | None = _f(
@@ -192,6 +199,10 @@ class TrainConfig:
         if self.strategy != "auto":
             return self.strategy
         return "two-stage" if self.pretrained else "full"
+
+    def resolved_epochs(self) -> int:
+        """The epochs of the run (``finetune.defaults`` chooses them from the data when left open)."""
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS
 
     def resolved_lr(self) -> float:
         if isinstance(self.lr, int | float):

@@ -16,6 +16,8 @@ images: a 25 % crop of a 28 px digit leaves a 14 px fragment, and a flipped "7" 
   learning from scratch under-fits (its training accuracy stays below its validation accuracy): a
   regulariser against over-confidence only slows it, and smoothed targets make its probabilities less
   faithful;
+- epochs: 10 to fine-tune pretrained weights; from random initialisation about 2,000 optimizer steps
+  (10 to 30 epochs): LeNet on the 28 px shapes reached 0.82 after 10 epochs and 0.93 after 30;
 - learning rate (Adam, AdamW): 3e-3 when every layer learns from scratch (random initialisation, all
   layers), 3x fine-tuning's 1e-3: at 1e-3 LeNet stopped at 0.65 test accuracy on the quality benchmark's
   28 px shapes after 10 epochs, at 3e-3 it reached 0.82 (``bench/quality.py``).
@@ -32,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import TrainConfig
+from .config import DEFAULT_EPOCHS, TrainConfig
 from .models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT, default_image_size
 
 SMALL_IMAGE = 64  # px: below this, from random initialisation, augmentation is mild and flips are off
@@ -42,7 +44,9 @@ MANY_PER_CLASS = 1000
 PRETRAINED_CROP_SCALE = 0.25
 PRETRAINED_LABEL_SMOOTHING = 0.1
 SCRATCH_LR = 3e-3  # Adam/AdamW, every layer from random initialisation
-DEFAULTED = ("image_size", "crop_scale_min", "hflip", "label_smoothing", "lr")
+SCRATCH_STEPS = 2000  # optimizer steps a network from random initialisation is given by default
+SCRATCH_EPOCHS = (10, 30)
+DEFAULTED = ("image_size", "crop_scale_min", "hflip", "label_smoothing", "lr", "epochs")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,8 @@ def choose_defaults(
         choices.append(_label_smoothing(pretrained, facts))
     strategy = given.get("strategy") or "auto"
     from_scratch = not pretrained and strategy in ("auto", "full")
+    if given.get("epochs") is None:
+        choices.append(_epochs(from_scratch, facts, int(given.get("batch_size") or 32)))
     if given.get("lr") is None and from_scratch and (given.get("optimizer") or "adamw") in ("adam", "adamw"):
         # Pretrained runs keep lr open: their head stage takes 10x the default rate (TrainConfig.resolved_head_lr).
         choices.append(
@@ -182,6 +188,21 @@ def _label_smoothing(pretrained: bool, facts: DataFacts | None) -> Choice:
         else f"with {per_class:.0f} images per class the new head under-fits rather than grows over-confident"
     )
     return Choice("label_smoothing", 0.0, f"label smoothing off: {why}, and smoothed targets blur its probabilities")
+
+
+def _epochs(from_scratch: bool, facts: DataFacts | None, batch_size: int) -> Choice:
+    if not from_scratch or facts is None:
+        why = "fine-tuning converges in a few epochs" if not from_scratch else "the dataset's size is unknown"
+        return Choice("epochs", DEFAULT_EPOCHS, f"epochs {DEFAULT_EPOCHS}: {why}")
+    steps = max(1, facts.train_images // batch_size)
+    lo, hi = SCRATCH_EPOCHS
+    epochs = max(lo, min(hi, math.ceil(SCRATCH_STEPS / steps)))
+    return Choice(
+        "epochs",
+        epochs,
+        f"epochs {epochs}: from random initialisation a network needs about {SCRATCH_STEPS} optimizer steps "
+        f"({steps} an epoch at batch {batch_size}; {lo} to {hi} epochs)",
+    )
 
 
 def apply_defaults(config: TrainConfig, facts: DataFacts | None) -> tuple[TrainConfig, list[Choice]]:

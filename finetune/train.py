@@ -222,7 +222,9 @@ def plan_run(
     tp = probe(model, data.train_images, data.val_images, data.prep, config.batch_size, rt)
     budget = config.budget_minutes * 60
     if not fresh:
-        return config, BudgetPlan(budget, config.epochs, tp, budget, "resumed: the epochs planned at the start")
+        return config, BudgetPlan(
+            budget, config.resolved_epochs(), tp, budget, "resumed: the epochs planned at the start"
+        )
     elapsed = time.perf_counter() - rt.started
     if config.resolved_strategy() != "full":  # the head stage first extracts features: one pass over all
         elapsed += len(data.dataset.samples) / tp.eval_images_per_sec
@@ -233,7 +235,7 @@ def plan_run(
         len(data.train_images),
         len(data.val_images),
         len(data.test_images),
-        config.epochs,
+        config.resolved_epochs(),
     )
     rt.emit(
         BudgetPlanned(

@@ -40,6 +40,8 @@ def test_28px_images_from_random_init_train_near_their_size_with_mild_augmentati
     assert chosen["hflip"].value is False
     assert chosen["label_smoothing"].value == 0.0 and "under-fits" in chosen["label_smoothing"].reason
     assert chosen["lr"].value == 3e-3  # every layer from scratch (AdamW)
+    assert chosen["epochs"].value == 10  # 375 steps an epoch: 10 epochs reach the 2,000 steps
+    assert _chosen("lenet", "none", 28, train=2100)["epochs"].value == 30  # 65 steps an epoch
     assert _chosen("lenet", "none", 28)["image_size"].value == 32
     # Never more than twice the images' size, unless the architecture cannot take less.
     assert _chosen("lenet", "none", 8)["image_size"].value == 16
@@ -65,13 +67,14 @@ def test_pretrained_weights_keep_the_imagenet_recipe_whatever_the_images() -> No
         assert chosen["hflip"].value is True
         assert chosen["label_smoothing"].value == 0.1
         assert "lr" not in chosen  # open: the head stage takes 10x the default rate
+        assert chosen["epochs"].value == 10
     few = _chosen("resnet50", "imagenet", 300, train=90, classes=3)
     assert few["label_smoothing"].value == 0.0
 
 
 def test_settings_the_user_gave_are_kept() -> None:
     facts = DataFacts.from_report(_report(28, 1000, 10))
-    given = {"image_size": 48, "hflip": True, "crop_scale_min": 0.3, "label_smoothing": 0.2, "lr": 0.01}
+    given = {"image_size": 48, "hflip": True, "crop_scale_min": 0.3, "label_smoothing": 0.2, "lr": 0.01, "epochs": 5}
     assert choose_defaults("resnet18", "none", facts, given) == []
     assert DataFacts.from_report({"classes": ["a"]}) is None  # no sizes: the architecture's defaults
     sgd = choose_defaults("resnet18", "none", facts, {**given, "lr": None, "optimizer": "sgd"})
