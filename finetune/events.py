@@ -65,6 +65,7 @@ class BudgetPlanned(Event):
     eval_images_per_sec: float
     estimated_seconds: float  # the whole run, from its start, as planned
     reason: str
+    eta: float | None = None  # seconds left as planned, from now
     kind: str = field(init=False, default="budget_planned")
 
 

@@ -245,6 +245,7 @@ def plan_run(
             tp.eval_images_per_sec,
             plan.estimated_seconds,
             plan.reason,
+            eta=max(0.0, plan.estimated_seconds - (time.perf_counter() - rt.started)),
         )
     )
     extras["budget"] = {
@@ -538,10 +539,12 @@ class _Run:
         )
         try:
             for stage in self.stages:
+                if stage.name in self.state.finished_stages:
+                    continue
                 if self.budget_reached():
                     self.state.finish(stage)  # the budget is spent: no stage begins after it
-                elif stage.name not in self.state.finished_stages:
-                    self.run_stage(stage)
+                    continue
+                self.run_stage(stage)
         except Cancelled:
             self.info.write(self.state, status="cancelled")
             raise
@@ -564,7 +567,8 @@ class _Run:
 
     def stop_for_budget(self, stage: Stage) -> None:
         assert self.guard is not None
-        self.state.finish(stage)
+        if stage.name not in self.state.finished_stages:
+            self.state.finish(stage)
         budget = self.guard.deadline - self.rt.started
         self.rt.emit(BudgetReached(self.state.last_epoch, time.perf_counter() - self.rt.started, budget))
 

@@ -202,7 +202,8 @@ class JobReporter:
             "reason": e.reason,
         }
         self._record_choice("budget", plan)
-        self._update(eta_seconds=e.estimated_seconds, message=e.reason[:300])
+        eta = e.eta if e.eta is not None else e.estimated_seconds
+        self._update(eta_seconds=eta, message=e.reason[:300])
 
     def on_budget_reached(self, e: Any) -> None:
         self._update(message=f"time budget reached after epoch {e.epoch}: evaluating")

@@ -50,7 +50,7 @@ def test_the_choices_a_run_reports_are_on_the_job(client: TestClient, dataset: d
     chosen = [{"setting": "image_size", "value": 40, "reason": "image size 40: the images are 40 px (median)"}]
     reporter(DefaultsChosen(chosen))
     reporter(LrFound(3e-3, "lr_min", [1e-4, 1e-3, 1e-2], [2.0, 1.0, 3.0]))
-    reporter(BudgetPlanned(60.0, 7, 500.0, 2000.0, 50.0, "7 epochs of 6.0 s fit the budget of 1 min"))
+    reporter(BudgetPlanned(60.0, 7, 500.0, 2000.0, 55.0, "7 epochs of 6.0 s fit the budget of 1 min", eta=50.0))
     got = client.get(f"/api/v1/jobs/{job['id']}").json()
     assert got["choices"]["defaults"] == chosen
     assert got["choices"]["lr_finder"]["lr"] == 3e-3 and got["choices"]["lr_finder"]["losses"] == [2.0, 1.0, 3.0]

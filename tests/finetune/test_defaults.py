@@ -124,6 +124,7 @@ def test_a_budget_ends_the_run_within_it(tmp_path: Path) -> None:
     planned = [e for e in trained.events if isinstance(e, BudgetPlanned)]
     assert len(planned) == 1 and 1 <= planned[0].epochs < 1000
     assert planned[0].estimated_seconds <= budget * 60
+    assert planned[0].eta is not None and 0 < planned[0].eta <= planned[0].estimated_seconds
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["status"] == "succeeded" and "test" in info["evaluation"]
     assert info["config"]["epochs"] == planned[0].epochs == info["budget"]["epochs"]
