@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-torchserve", action="store_true", help="serving: leave TorchServe out (it needs Java and a pip install)"
     )
     parser.add_argument("--duration", type=float, help="serving: seconds per load cell (default 10, quick 2)")
+    parser.add_argument("--only", choices=("digits", "shapes"), help="quality: one dataset only")
+    parser.add_argument(
+        "--resnet18", action="store_true", help="quality: resnet18 from random initialisation too (slow on a CPU)"
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -114,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         from bench.quality import quality
         from bench.report import write_quality_section
 
-        results["quality"] = quality(work, quick=quick, log=log)
+        done = results.get("quality", {}).get("datasets", {}) if args.only else {}
+        results["quality"] = quality(work, quick=quick, log=log, only=args.only, resnet18=args.resnet18)
+        results["quality"]["datasets"] = {**done, **results["quality"]["datasets"]}  # --only keeps the other
         results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         target = args.out / "RESULTS.quick.md" if quick else ROOT / "bench" / "RESULTS.md"
         results_path.write_text(json.dumps(results, indent=2, default=str))

@@ -13,8 +13,8 @@ Arms:
 - ``defaults``: ``{"model": "lenet", "weights": "none"}`` and nothing else (the defaults the engine
   chooses from the data: ``finetune.defaults``);
 - ``defaults + lr auto``: the same with the range test choosing the rate;
-- ``defaults, resnet18``: ``{"model": "resnet18", "weights": "none"}``, the default architecture from
-  random initialisation (full runs only);
+- ``defaults, resnet18`` (``--resnet18``): ``{"model": "resnet18", "weights": "none"}``, the default
+  architecture from random initialisation;
 - ``tuned``: LeNet as set by hand for small greyscale images, the best of a small search scored on the
   shapes' test split (rate 1e-3/3e-3, 10/30 epochs, 32/56 px, crops 0.7/0.85: ``HAND_SEARCH``; the same
   search set the defaults' rate and epochs, so on the shapes both are fitted to the test images, and the
@@ -235,16 +235,31 @@ def tuned_settings(native: int) -> dict[str, Any]:
     }
 
 
-def quality(work: Path, *, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+def quality(
+    work: Path,
+    *,
+    quick: bool,
+    log: Callable[[str], None],
+    only: str | None = None,
+    resnet18: bool = False,
+) -> dict[str, Any]:
+    """Every arm on every dataset (or ``only`` one); ``resnet18`` adds the default architecture from random
+    initialisation (slow on a CPU: half an hour on two cores)."""
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     sets = {
-        "digits": (digits_dataset(work / ("digits-quick" if quick else "digits"), 400 if quick else None), 8),
-        "shapes": (shapes_dataset(work / ("shapes28-quick" if quick else "shapes28"), 30 if quick else 300), 28),
+        "digits": lambda: (digits_dataset(work / ("digits-quick" if quick else "digits"), 400 if quick else None), 8),
+        "shapes": lambda: (
+            shapes_dataset(work / ("shapes28-quick" if quick else "shapes28"), 30 if quick else 300),
+            28,
+        ),
     }
     results: dict[str, Any] = {"quick": quick, "datasets": {}, "hand_search": HAND_SEARCH}
-    for name, (data, native) in sets.items():
+    for name, make in sets.items():
+        if only is not None and name != only:
+            continue
+        data, native = make()
         arms: dict[str, Any] = {}
         runs = work / f"quality-runs-{name}-{time.time_ns()}"
         cache = work / "quality-cache"
@@ -257,7 +272,7 @@ def quality(work: Path, *, quick: bool, log: Callable[[str], None]) -> dict[str,
             ("defaults + lr auto", {**plain, "lr": "auto"}),
             ("tuned", tuned),
         ]
-        if not quick:  # the issue's second job: the default architecture from random initialisation
+        if resnet18 and not quick:  # the issue's second job: the default architecture from random initialisation
             arms_todo.append(("defaults, resnet18", {"model": "resnet18", "weights": "none"}))
         for arm, settings in arms_todo:
             log(f"quality: {name}, {arm}")
