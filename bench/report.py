@@ -458,6 +458,8 @@ def quality_lines(results: dict[str, Any]) -> list[str]:
         " (the Keras MNIST example).",
         "",
     ]
+    if q.get("note"):
+        lines += [q["note"], ""]
     search = q.get("hand_search")
     if search:
         lines += [
