@@ -130,3 +130,25 @@ def test_a_budget_ends_the_run_within_it(tmp_path: Path) -> None:
     assert info["config"]["epochs"] == planned[0].epochs == info["budget"]["epochs"]
     reached = [e for e in trained.events if isinstance(e, BudgetReached)]
     assert all(e.elapsed <= budget * 60 for e in reached)
+
+
+def test_a_budget_also_bounds_a_two_stage_run(tmp_path: Path, lenet_weights: Path) -> None:
+    data = make_shapes_dataset(tmp_path / "data", per_class=20, size=32)
+    budget = 0.15  # minutes
+    config = lenet_config(
+        data,
+        tmp_path / "run",
+        tmp_path / "cache",
+        weights=str(lenet_weights),
+        strategy="two-stage",
+        head_epochs=1000,
+        epochs=1000,
+        budget_minutes=budget,
+    )
+    t0 = time.perf_counter()
+    trained = run_training(config)
+    assert time.perf_counter() - t0 <= budget * 60
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "succeeded" and "test" in info["evaluation"]
+    assert len(info["history"]) < 2000
+    assert any(isinstance(e, BudgetPlanned) for e in trained.events)
