@@ -88,6 +88,9 @@ def _eval_rate(model: nn.Module, val: StoredImages, prep: Preprocessing, batch_s
     return n / max(time.perf_counter() - t0, 1e-6)
 
 
+MIN_BUDGET_EPOCHS = 5  # fewer fit at the image size chosen for the run: a smaller size is tried
+
+
 @dataclass
 class BudgetPlan:
     budget_seconds: float
@@ -95,6 +98,21 @@ class BudgetPlan:
     throughput: Throughput
     estimated_seconds: float
     reason: str
+    fit: int = 0  # epochs that fit the budget (before the cap at the epochs asked for)
+    per_epoch: float = 0.0
+    available: float = 0.0  # seconds for the epochs
+
+
+def smaller_size(size: int, smallest: int, plan: BudgetPlan, want: int) -> int | None:
+    """The largest image size (a multiple of 8, at least ``smallest``) at which ``want`` epochs fit the plan's
+    time, with an epoch's time scaled by the pixel count; None when ``size`` fits already or nothing smaller
+    is allowed. At the smallest size it is the smallest: fewer epochs then, the guard cuts the rest."""
+    if plan.fit >= want or size <= smallest or plan.per_epoch <= 0:
+        return None
+    for candidate in range(8 * (size // 8) - 8, smallest - 1, -8):
+        if max(candidate, smallest) == smallest or plan.per_epoch * (candidate / size) ** 2 * want <= plan.available:
+            return max(candidate, smallest)
+    return smallest
 
 
 def plan_epochs(
@@ -120,7 +138,7 @@ def plan_epochs(
         reason = f"{epochs} epochs of {per_epoch:.1f} s fit the budget of {budget_seconds / 60:g} min"
     else:
         reason = f"not even one epoch of {per_epoch:.1f} s fits the budget: the epoch is cut short"
-    return BudgetPlan(budget_seconds, epochs, tp, min(estimate, budget_seconds), reason)
+    return BudgetPlan(budget_seconds, epochs, tp, min(estimate, budget_seconds), reason, fit, per_epoch, available)
 
 
 class BudgetGuard:

@@ -116,7 +116,8 @@ class TrainConfig:
     budget_minutes: float | None = _f(
         None,
         "time budget of the whole run in minutes: a throughput probe on the run's device picks the epochs "
-        "(at most epochs) so it ends within it, and training stops early, evaluated and saved, if it would not",
+        "(at most epochs; and a smaller image size when the run chose it and fewer than 5 epochs fit) so it "
+        "ends within it, and training stops early, evaluated and saved, if it would not",
         min=0.05,
         max=100000.0,
     )

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .budget import BudgetGuard, BudgetPlan, plan_epochs, probe
+from .budget import MIN_BUDGET_EPOCHS, BudgetGuard, BudgetPlan, Throughput, plan_epochs, probe, smaller_size
 from .checkpoint import (
     RUN_FILE,
     Checkpoint,
@@ -62,6 +62,8 @@ from .loader import StoredImages, TrainAugment, batches
 from .lrfind import find_lr
 from .models import (
     AUX_LOSS_WEIGHT,
+    MIN_IMAGE_SIZE,
+    MIN_IMAGE_SIZE_DEFAULT,
     BuiltModel,
     Preprocessing,
     build_model,
@@ -161,6 +163,14 @@ class RunData:
     val_images: StoredImages
     test_images: StoredImages
 
+    def use_preprocessing(self, prep: Preprocessing) -> None:
+        """Read the images for another preprocessing (the budget chose a smaller image size)."""
+        if prep.tier != self.stored.tier:
+            self.stored.reclaim(prep.tier)
+        self.prep = prep
+        splits = self.stored.splits
+        self.train_images, self.val_images, self.test_images = splits["train"], splits["val"], splits["test"]
+
     def close(self) -> None:
         self.stored.close()
 
@@ -225,18 +235,11 @@ def plan_run(
         return config, BudgetPlan(
             budget, config.resolved_epochs(), tp, budget, "resumed: the epochs planned at the start"
         )
-    elapsed = time.perf_counter() - rt.started
-    if config.resolved_strategy() != "full":  # the head stage first extracts features: one pass over all
-        elapsed += len(data.dataset.samples) / tp.eval_images_per_sec
-    plan = plan_epochs(
-        budget,
-        elapsed,
-        tp,
-        len(data.train_images),
-        len(data.val_images),
-        len(data.test_images),
-        config.resolved_epochs(),
-    )
+    plan = _budget_plan(config, rt, data, tp)
+    config, smaller = _shrink_for_budget(config, rt, data, built, plan, extras)
+    if smaller:
+        tp = probe(model, data.train_images, data.val_images, data.prep, config.batch_size, rt)
+        plan = _budget_plan(config, rt, data, tp)
     rt.emit(
         BudgetPlanned(
             budget,
@@ -257,6 +260,47 @@ def plan_run(
         "reason": plan.reason,
     }
     return replace(config, epochs=plan.epochs), plan
+
+
+def _budget_plan(config: TrainConfig, rt: Runtime, data: RunData, tp: Throughput) -> BudgetPlan:
+    elapsed = time.perf_counter() - rt.started
+    if config.resolved_strategy() != "full":  # the head stage first extracts features: one pass over all
+        elapsed += len(data.dataset.samples) / tp.eval_images_per_sec
+    return plan_epochs(
+        config.budget_minutes * 60 if config.budget_minutes else 0.0,
+        elapsed,
+        tp,
+        len(data.train_images),
+        len(data.val_images),
+        len(data.test_images),
+        config.resolved_epochs(),
+    )
+
+
+def _shrink_for_budget(
+    config: TrainConfig, rt: Runtime, data: RunData, built: BuiltModel, plan: BudgetPlan, extras: dict[str, Any]
+) -> tuple[TrainConfig, bool]:
+    """When the run chose its image size itself and too few epochs fit the budget at it, a smaller size
+    (``budget.smaller_size``): the pixels are read at its tier and the choice's reason says why."""
+    size_choice = next((c for c in extras.get("defaults", []) if c["setting"] == "image_size"), None)
+    if size_choice is None or config.image_size is None:
+        return config, False
+    want = min(config.resolved_epochs(), MIN_BUDGET_EPOCHS)
+    smallest = MIN_IMAGE_SIZE.get(config.model, MIN_IMAGE_SIZE_DEFAULT)
+    new = smaller_size(config.image_size, smallest, plan, want)
+    if new is None or new == config.image_size:
+        return config, False
+    budget = f"{config.budget_minutes:g} min"
+    size_choice["value"] = new
+    size_choice["reason"] = (
+        f"image size {new}: at {config.image_size} px only {plan.fit} epochs fit the time budget of {budget} "
+        f"({size_choice['reason']})"
+    )
+    config = replace(config, image_size=new)
+    data.use_preprocessing(preprocessing_for(config.model, config.weights, new))
+    built.preprocessing = data.prep
+    rt.emit(DefaultsChosen(list(extras["defaults"])))
+    return config, True
 
 
 def run_dataset_report(dataset: Dataset, run_dir: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.budget import BudgetPlan, Throughput, smaller_size
 from finetune.config import TrainConfig
 from finetune.defaults import DataFacts, choose_defaults
 from finetune.events import BudgetPlanned, BudgetReached, DefaultsChosen, LrFound
@@ -152,3 +153,30 @@ def test_a_budget_also_bounds_a_two_stage_run(tmp_path: Path, lenet_weights: Pat
     assert info["status"] == "succeeded" and "test" in info["evaluation"]
     assert len(info["history"]) < 2000
     assert any(isinstance(e, BudgetPlanned) for e in trained.events)
+
+
+def test_a_budget_too_small_for_the_chosen_size_picks_a_smaller_one() -> None:
+    tp = Throughput(100.0, 400.0)
+    # 10 s an epoch at 224 px, 30 s for the epochs: 3 fit, 5 wanted -> the largest size where 5 fit.
+    plan = BudgetPlan(60.0, 3, tp, 60.0, "", fit=3, per_epoch=10.0, available=30.0)
+    size = smaller_size(224, 32, plan, want=5)
+    assert size is not None and size % 8 == 0 and size < 224
+    assert 10.0 * (size / 224) ** 2 * 5 <= 30.0 < 10.0 * ((size + 8) / 224) ** 2 * 5
+    assert smaller_size(224, 32, BudgetPlan(60.0, 5, tp, 60.0, "", fit=5, per_epoch=10.0, available=50.0), 5) is None
+    hopeless = BudgetPlan(60.0, 1, tp, 60.0, "", fit=0, per_epoch=1000.0, available=1.0)
+    assert smaller_size(224, 32, hopeless, want=5) == 32  # never below the architecture's smallest input
+
+
+def test_a_budget_shrinks_an_image_size_the_run_chose_itself(tmp_path: Path) -> None:
+    """3 s cannot hold 5 epochs (a checkpoint alone is planned at 0.5 s): the size chosen from the 64 px
+    images (lenet's 32) goes down, and the pixels are read at the smaller size's tier."""
+    data = make_shapes_dataset(tmp_path / "data", per_class=40, size=64)
+    config = lenet_config(data, tmp_path / "run", tmp_path / "cache", epochs=None, lr=None, budget_minutes=0.05)
+    trained = run_training(config)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    size = info["config"]["image_size"]
+    assert 16 <= size < 32 and info["preprocessing"]["crop_size"] == size
+    chosen = {c["setting"]: c for c in info["defaults"]}
+    assert chosen["image_size"]["value"] == size and "at 32 px only" in chosen["image_size"]["reason"]
+    assert [e.choices for e in trained.events if isinstance(e, DefaultsChosen)][-1] == info["defaults"]
+    assert info["status"] == "succeeded"
