@@ -168,9 +168,9 @@ def test_a_budget_too_small_for_the_chosen_size_picks_a_smaller_one() -> None:
 
 
 def test_a_budget_shrinks_an_image_size_the_run_chose_itself(tmp_path: Path) -> None:
-    """3 s cannot hold 5 epochs (a checkpoint alone is planned at 0.5 s): the size chosen from the 64 px
+    """0.9 x 3 s cannot hold 5 epochs (a checkpoint alone is planned at 0.5 s): the size chosen from the 64 px
     images (lenet's 32) goes down, and the pixels are read at the smaller size's tier."""
-    data = make_shapes_dataset(tmp_path / "data", per_class=40, size=64)
+    data = make_shapes_dataset(tmp_path / "data", per_class=120, size=64)  # 234 training images: > 0.54 s an epoch
     config = lenet_config(data, tmp_path / "run", tmp_path / "cache", epochs=None, lr=None, budget_minutes=0.05)
     trained = run_training(config)
     info = json.loads((tmp_path / "run" / "run.json").read_text())
