@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     worker_slots: int | None = Field(
         None, description="jobs run at once by one worker; default: one per GPU, or 1 without a GPU"
     )
+    cpu_devices: int = Field(
+        2,
+        ge=1,
+        description="on a worker without GPUs: how many data-parallel processes (gloo) one job may ask for with "
+        "devices (1: one process per job); a GPU worker offers one device per GPU",
+    )
     # A running job is held under a lease on the database's clock, renewed every heartbeat; a worker that
     # dies stops renewing, and within lease_seconds + recovery_interval_seconds another worker takes the job
     # back (12 + 2 s: a kill -9'd worker's job resumes elsewhere well within 20 s). Four missed heartbeats in a

@@ -143,7 +143,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
     if "takeover" in results:
         lines += takeover_lines(results["takeover"])
     if "scale" in results:
-        lines += _scale_lines(results["scale"])
+        lines += scale_lines(results["scale"])
     seconds = results.get("seconds", {})
     lines += [
         "## Reproducing",
@@ -238,20 +238,21 @@ def takeover_lines(r: dict[str, Any]) -> list[str]:
 
 
 def replace_section(text: str, section: list[str]) -> str:
-    """``text`` (a RESULTS.md) with its takeover section replaced, or inserted before "## Reproducing"."""
+    """``text`` (a RESULTS.md) with the section whose heading is ``section[0]`` replaced, or inserted before
+    "## Reproducing": a benchmark run alone rewrites its own section and leaves the others' figures alone."""
     lines = text.splitlines()
-    block = [*section]
-    if TAKEOVER_HEADING in lines:
-        start = lines.index(TAKEOVER_HEADING)
+    heading = section[0]
+    if heading in lines:
+        start = lines.index(heading)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = block
+        lines[start:end] = section
     else:
         at = lines.index("## Reproducing") if "## Reproducing" in lines else len(lines)
-        lines[at:at] = block
+        lines[at:at] = section
     return "\n".join(lines) + "\n"
 
 
-def _scale_lines(r: dict[str, Any]) -> list[str]:
+def scale_lines(r: dict[str, Any]) -> list[str]:
     """The "Scale" section, from ``python -m bench.scale`` (bench/scale.py)."""
     sets = r["sets"]
     names = list(sets)
@@ -260,7 +261,7 @@ def _scale_lines(r: dict[str, Any]) -> list[str]:
         "",
         "`python -m bench.scale`"
         + (" (--quick: small sizes, the harness only)" if r.get("quick") else "")
-        + f"; {r['seconds'] / 60:.0f} min. The real service (`serve --no-worker` and a `worker`), each zip sent as",
+        + f"; {sum(s.get('seconds', 0) for s in sets.values()) / 60:.0f} min. The real service (`serve --no-worker` and a `worker`), each zip sent as",
         "one body with `Prefer: respond-async` and the dataset polled until ready; then a LeNet job for one epoch",
         "(64 px crops on the photos: the job first stores their 64 px copies, the upload stored 256 px ones). The",
         "input pipeline is compared at 224 px crops on the photos (their 256 px copies) and 32 px on the digits.",

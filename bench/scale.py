@@ -492,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sets.split(","):
         kind, n = SETS[name]
         n = QUICK_SIZES[kind] if args.quick else n
+        set_started = time.perf_counter()
         log(f"{name}: generating {n} {kind}")
         folder = generate(kind, n, work / f"{name}-files")
         archive = zip_folder(folder, work / f"{name}.zip")
@@ -503,6 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         log(f"  {name}: {run['pipeline']}")
         shutil.rmtree(run.pop("data_dir"), ignore_errors=True)  # tens of GB: the next set needs the room
+        run["seconds"] = time.perf_counter() - set_started
         result["sets"][name] = run
         if kind == "photos":
             photos_folder = folder
@@ -518,17 +520,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def save(result: dict[str, Any], out: Path, quick: bool) -> None:
-    from bench.report import write_markdown
+    """Merge into the results JSON (sets measured in earlier runs stay) and write the report's Scale section
+    in place (a quick run writes a report of its own)."""
+    from bench.report import replace_section, scale_lines, write_markdown
 
     results_path = out / ("results.quick.json" if quick else "results.json")
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results.setdefault("machine", machine())
     results.setdefault("data", "bench.scale: generated digits and photos")
     results.setdefault("finished_at", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    earlier = results.get("scale", {})
+    if earlier.get("quick") == quick:
+        result = {**earlier, **result, "sets": {**earlier.get("sets", {}), **result["sets"]}}
     results["scale"] = result
     results_path.write_text(json.dumps(results, indent=2, default=str))
     log(f"wrote {results_path}")
-    md = write_markdown(results, out / "RESULTS.quick.md" if quick else ROOT / "bench" / "RESULTS.md")
+    if quick:
+        md = write_markdown(results, out / "RESULTS.quick.md")
+    else:
+        md = ROOT / "bench" / "RESULTS.md"
+        md.write_text(replace_section(md.read_text(), scale_lines(result)))
     log(f"wrote {md}")
 
 

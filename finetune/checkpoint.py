@@ -6,6 +6,7 @@ Layout::
     RUN/checkpoints/epoch-0007/      one immutable checkpoint:
         model.safetensors            weights
         meta.json                    architecture, classes, preprocessing, config, metrics history, ...
+                                     (and, once the run has finished, the best one's ``calibration``)
         train_state.pt               optimizer, scheduler, scaler, RNG (tensors only: weights_only=True)
     RUN/last -> checkpoints/epoch-0009   relative symlinks, swapped atomically
     RUN/best -> checkpoints/epoch-0007
@@ -273,6 +274,14 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} has no training state (it cannot be resumed from)")
         # Tensors, numbers, strings and containers only: never arbitrary pickled objects.
         return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def add_to_meta(ckpt: Checkpoint, key: str, value: Any) -> Checkpoint:
+    """Record one fact learnt about a checkpoint's model after it was saved (its calibration, fitted on the
+    final evaluation): ``meta.json`` is rewritten atomically, the weights are never touched."""
+    meta = {**ckpt.meta, key: value}
+    atomic_write_json(ckpt.path / META_FILE, meta)
+    return Checkpoint(ckpt.path, meta)
 
 
 def load_checkpoint(run_dir: str | Path, which: str = "best") -> Checkpoint:

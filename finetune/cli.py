@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -130,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir")
     e.add_argument("--json", action="store_true")
 
-    pr = sub.add_parser("predict", help="print the top-k labels of images")
+    pr = sub.add_parser(
+        "predict", help='print the label (or "unknown" below the calibrated threshold) and top-k labels of images'
+    )
     pr.add_argument("run_dir")
     pr.add_argument("images", nargs="+", metavar="IMAGE")
     pr.add_argument("--top-k", type=int, default=5)
@@ -201,6 +204,49 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ----------------------------------------------------------------------------------------------
+def launch_command(devices: int, argv: Sequence[str]) -> list[str]:
+    """This command again under torchrun's module (``torch.distributed.run``): one process per device on
+    this host, a standalone rendezvous (a free local port)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={devices}",
+        "-m",
+        "finetune",
+        *argv,
+    ]
+
+
+def _requested_devices(args: argparse.Namespace) -> int:
+    if args.resume:
+        run_file = Path(args.resume) / "run.json"
+        if not run_file.is_file():
+            return 1  # the resume itself says what is wrong
+        return int(json.loads(run_file.read_text()).get("config", {}).get("devices", 1))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if args.data and args.out:
+        TrainConfig(**values).validate()  # bad settings exit 2 here, before any process starts
+    return int(args.devices)
+
+
+def run_under_torchrun(devices: int, argv: Sequence[str]) -> int:
+    """Start the ranks and wait for them; torchrun ends every rank when one fails. Ctrl-C reaches every
+    process of the terminal's group: each rank stops at the same batch boundary."""
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return -1  # this is a rank already (torch is not imported here: the launch starts at once)
+    env = dict(os.environ)
+    # torchrun would give each rank one thread; share the cores instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc = subprocess.run(launch_command(devices, argv), env=env, check=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return EXIT_FAILURE if proc.returncode not in (EXIT_OK, EXIT_CANCELLED) else proc.returncode
+
+
 def cmd_train(args: argparse.Namespace, out: Output) -> int:
     from .train import resume, train
 
@@ -225,6 +271,8 @@ def cmd_train(args: argparse.Namespace, out: Output) -> int:
             result = train(config, [callback], lambda: stop_requested["flag"])
     finally:
         signal.signal(signal.SIGINT, previous)
+    if os.environ.get("RANK", "0") != "0":
+        return EXIT_OK  # rank 0 reports for the run
     if out.as_json:
         out.json(
             {
@@ -347,8 +395,9 @@ def cmd_predict(args: argparse.Namespace, out: Output) -> int:
     results = []
     for path in args.images:
         try:
-            (preds,) = predictor.predict([Path(path)], top_k=args.top_k)
-            results.append({"image": path, "predictions": [p.to_dict() for p in preds]})
+            probs = predictor.probabilities([predictor.preprocess(Path(path))])
+            (preds,), (label,) = predictor.top_k(probs, args.top_k), predictor.answer(probs)
+            results.append({"image": path, "label": label, "predictions": [p.to_dict() for p in preds]})
         except ImageError as e:
             status = EXIT_BAD_INPUT
             results.append({"image": path, "error": str(e)})
@@ -359,7 +408,7 @@ def cmd_predict(args: argparse.Namespace, out: Output) -> int:
             if "error" in r:
                 out.line(f"{r['image']}: error: {r['error']}")
                 continue
-            out.line(f"{r['image']}:")
+            out.line(f"{r['image']}: {r['label']}")
             for p in r["predictions"]:
                 out.line(f"  {p['probability']:7.2%}  {p['label']}")
     return status
@@ -523,6 +572,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Output(getattr(args, "json", False))
     try:
+        if args.command == "train":
+            devices = _requested_devices(args)
+            if devices > 1:
+                rc = run_under_torchrun(devices, list(sys.argv[1:] if argv is None else argv))
+                if rc >= 0:
+                    return rc
         return COMMANDS[args.command](args, out)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)

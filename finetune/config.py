@@ -125,6 +125,13 @@ class TrainConfig:
     test_fraction: float = _f(0.1, "test share when the folder has no split (0: no test set)", min=0.0, max=0.5)
     seed: int = _f(0, "random seed (split, initialisation, order, augmentation)", min=0, max=2**31 - 1)
     device: str = _f("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    devices: int = _f(
+        1,
+        "data-parallel processes (one per GPU; gloo processes on a CPU host), started through torchrun; "
+        "batch_size is per device, so the global batch is batch_size x devices",
+        min=1,
+        max=64,
+    )
     precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     channels_last: bool | None = _f(None, "channels-last memory layout (default on; faster on CUDA and on modern CPUs)")
     compile: bool = _f(False, "torch.compile the model (slow start, faster steps on long runs)")
@@ -182,6 +189,19 @@ class TrainConfig:
             problems.append("min_batch_size cannot be larger than batch_size")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             problems.append(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.devices > 1:
+            if self.resolved_strategy() != "full":
+                problems.append(
+                    f"devices={self.devices} trains all layers from the start: use strategy full (the {self.resolved_strategy()} "
+                    "strategy trains its head on cached features, which runs on one device)"
+                )
+            if self.device.startswith("cuda:"):
+                problems.append("devices > 1 takes one card per process: use device auto or cuda, not cuda:N")
+            # Each rank would run its own range test or throughput probe and could decide differently.
+            if self.lr == "auto":
+                problems.append("lr auto runs its range test on one device: give a number with devices > 1")
+            if self.budget_minutes is not None:
+                problems.append("budget_minutes plans the run on one device: leave it out with devices > 1")
         if self.image_size is not None:
             from .models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT
 

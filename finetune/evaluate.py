@@ -62,6 +62,28 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names:
     return result
 
 
+MAX_MISCLASSIFIED = 10_000  # kept in report.json; a larger test split records how many more there were
+
+
+def misclassified(
+    probs: torch.Tensor, labels: torch.Tensor, paths: Sequence[str], limit: int = MAX_MISCLASSIFIED
+) -> dict[str, Any]:
+    """The images a model got wrong, compactly: each with its dataset-relative ``path``, ``true`` and
+    ``predicted`` class index and the predicted class's ``probability``, in the split's order."""
+    confidence, predicted = probs.max(1)
+    wrong = (predicted != labels).nonzero().flatten().tolist()
+    items = [
+        {
+            "path": paths[i],
+            "true": int(labels[i]),
+            "predicted": int(predicted[i]),
+            "probability": round(float(confidence[i]), 6),
+        }
+        for i in wrong[:limit]
+    ]
+    return {"count": len(labels), "total": len(wrong), "items": items}
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],

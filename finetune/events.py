@@ -33,6 +33,8 @@ class RunStarted(Event):
     # "source": recorded (a list given to the run), folders (train/val/test) or drawn (seed and fractions);
     # the counts per class and split.
     split: dict[str, Any] | None = None
+    devices: int = 1  # data-parallel processes (ranks)
+    global_batch: int | None = None  # images per optimizer step across them
     kind: str = field(init=False, default="run_started")
 
 

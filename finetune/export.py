@@ -88,23 +88,26 @@ def check_format(fmt: str) -> str:
 # -- the exported network ----------------------------------------------------------------------------------
 class ServingNetwork(nn.Module):
     """uint8 crops (N, H, W, 3) -> (probabilities, logits): the predictor's normalisation, network and
-    softmax as one graph. The normalisation is the same multiply-add as ``finetune.loader.Normalizer``."""
+    calibrated softmax (``softmax(logits / T)``, ``T`` from the checkpoint) as one graph. The normalisation
+    is the same multiply-add as ``finetune.loader.Normalizer``; ``logits`` are the network's, unscaled."""
 
     scale: torch.Tensor
     shift: torch.Tensor
+    temperature: torch.Tensor
 
-    def __init__(self, network: nn.Module, prep: Preprocessing) -> None:
+    def __init__(self, network: nn.Module, prep: Preprocessing, temperature: float = 1.0) -> None:
         super().__init__()
         std = torch.tensor(prep.std, dtype=torch.float32).view(1, 3, 1, 1)
         mean = torch.tensor(prep.mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.register_buffer("scale", 1.0 / (255.0 * std))
         self.register_buffer("shift", -mean / std)
+        self.register_buffer("temperature", torch.tensor(float(temperature), dtype=torch.float32))
         self.network = network
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.addcmul(self.shift, image.permute(0, 3, 1, 2).float(), self.scale)
         logits = self.network(x)
-        return torch.softmax(logits, dim=1), logits
+        return torch.softmax(logits / self.temperature, dim=1), logits
 
 
 class StaticAdaptiveAvgPool(nn.Module):
@@ -268,7 +271,7 @@ def serving_network(predictor: Any) -> ServingNetwork:
     pools and the preprocessing in front, on the CPU."""
     network = copy.deepcopy(predictor.model).to("cpu", memory_format=torch.contiguous_format).eval()
     network = static_pools(network, predictor.preprocessing.crop_size)
-    return ServingNetwork(network, predictor.preprocessing).eval()
+    return ServingNetwork(network, predictor.preprocessing, predictor.temperature).eval()
 
 
 @contextmanager
@@ -483,6 +486,8 @@ def export_metadata(predictor: Any, fmt: str, identity: dict[str, Any]) -> dict[
         },
         "outputs": list(OUTPUT_NAMES),
         "checkpoint": identity,
+        # probabilities = softmax(logits / temperature); below threshold the service answers "unknown"
+        "calibration": {"temperature": predictor.temperature, "threshold": predictor.threshold},
     }
 
 
@@ -528,9 +533,17 @@ def verified_export(run_dir: Path, fmt: str, identity: dict[str, Any] | None = N
         meta.get("checkpoint") != identity
         or meta.get("class_names") != list(ckpt_meta["class_names"])
         or meta.get("preprocessing") != _plain(Preprocessing.from_dict(ckpt_meta["preprocessing"]).to_dict())
+        or _temperature(meta) != _temperature(ckpt_meta)
     ):
-        raise ExportError(f"the {fmt} export does not match the model's checkpoint (classes, preprocessing or weights)")
+        raise ExportError(
+            f"the {fmt} export does not match the model's checkpoint (classes, preprocessing, calibration or weights)"
+        )
     return ExportResult(fmt, path, entry)
+
+
+def _temperature(meta: dict[str, Any]) -> float:
+    """The calibration temperature a checkpoint or an export's metadata records (1 before calibration)."""
+    return float((meta.get("calibration") or {}).get("temperature") or 1.0)
 
 
 def _plain(obj: Any) -> Any:

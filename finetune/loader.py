@@ -100,6 +100,20 @@ def batches(
     return out
 
 
+def shard_batches(
+    n: int, batch_size: int, rank: int, ranks: int, *, generator: torch.Generator
+) -> tuple[list[list[int]], list[list[int]]]:
+    """An epoch's batches for one of ``ranks`` data-parallel processes: (global batches, this rank's).
+
+    The seeded order is cut into global batches of ``batch_size x ranks`` (the last, partial one dropped,
+    as one process drops its own) and rank r takes positions r, r + ranks, ... of each: across ranks every
+    image of the epoch is read exactly once, and each optimizer step sees the images one process with the
+    global batch would. The order depends only on the generator (seeded per epoch), so a resumed run
+    with the same number of ranks reads what an uninterrupted one would."""
+    global_batches = batches(n, batch_size * ranks, generator=generator, drop_last=True)
+    return global_batches, [g[rank::ranks] for g in global_batches]
+
+
 def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T], *, ahead: int) -> Iterator[R]:
     """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory) and yields in order."""
     pending: deque[Future[R]] = deque()
@@ -277,32 +291,39 @@ class TrainAugment:
         self.workers = max(1, min(4, os.cpu_count() or 1))
 
     def batches(
-        self, images: StoredImages, order: Sequence[Sequence[int]], generator: torch.Generator
+        self,
+        images: StoredImages,
+        order: Sequence[Sequence[int]],
+        generator: torch.Generator,
+        shard: tuple[int, int] = (0, 1),
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(normalised images on the device, labels on the device) for each index list in ``order``."""
-        if self.device.type == "cuda":
-            for batch in prefetch(images.padded(idx) for idx in order):
-                yield self(batch, generator), batch.labels.to(self.device, non_blocking=True)
-            return
+        """(normalised images on the device, labels on the device) for each index list in ``order``.
+
+        ``shard`` (rank, ranks): ``order`` lists global batches, of which this rank takes positions rank,
+        rank + ranks, ... (``shard_batches``). Crops and flips are drawn for the whole global batch on every
+        rank, so an image is augmented exactly as one process with the global batch would augment it."""
         # Every random draw happens here, in order, before any work is handed to threads: the batches
         # are the same whatever the threads' timing (a resumed run must see the same crops).
+        rank, ranks = shard
         sizes = images.sizes()
-        plans = [
-            (
-                idx,
-                sample_crops(sizes[list(idx)], generator, self.scale).tolist(),
-                self._flips(len(idx), generator).tolist(),
-            )
-            for idx in order
-        ]
+        plans = []
+        for idx in order:
+            boxes = sample_crops(sizes[list(idx)], generator, self.scale)
+            flips = self._flips(len(idx), generator)
+            plans.append((list(idx)[rank::ranks], boxes[rank::ranks], flips[rank::ranks]))
+        if self.device.type == "cuda":
+            padded = prefetch(images.padded(idx) for idx, _, _ in plans)
+            for batch, (_, boxes, flips) in zip(padded, plans, strict=True):
+                yield self(batch, boxes, flips), batch.labels.to(self.device, non_blocking=True)
+            return
         ahead = 2 * self.workers
         # A yielded batch stays valid until the consumer has taken two more (it holds one at a time).
-        buffers = _BatchBuffers(ahead + 3, max((len(idx) for idx in order), default=1), self.out)
+        buffers = _BatchBuffers(ahead + 3, max((len(p[0]) for p in plans), default=1), self.out)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="augment") as pool:
             yield from ordered_map(
                 pool,
                 lambda plan: self._cpu_batch(images, buffers, *plan),
-                [(k, *plan) for k, plan in enumerate(plans)],
+                [(k, idx, boxes.tolist(), flips.tolist()) for k, (idx, boxes, flips) in enumerate(plans)],
                 ahead=ahead,
             )
 
@@ -332,12 +353,10 @@ class TrainAugment:
         normalized.copy_(out)
         return self.normalize.normalize_(normalized), images.labels[list(idx)]
 
-    def __call__(self, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, batch: Batch, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """The CUDA path for one padded batch: one ``grid_sample`` for every crop, resize and flip."""
         b, hmax, wmax, _ = batch.pixels.shape
-        boxes = sample_crops(batch.sizes, generator, self.scale).double()
-        flips = self._flips(b, generator)
-        top, left, bh, bw = boxes.unbind(1)
+        top, left, bh, bw = boxes.double().unbind(1)
         # Affine map from output coordinates in [-1, 1] to the crop box inside the padded canvas
         # (align_corners=False: pixel centres at (i + 0.5) / size).
         sx = (bw / wmax) * torch.where(flips, -1.0, 1.0).double()

@@ -54,7 +54,13 @@ def model_meta(config: TrainConfig, dataset: Dataset, prep: Preprocessing, built
 
 class RunInfo:
     def __init__(
-        self, run_dir: Path, meta: dict[str, Any], dataset: Dataset, monitor: str, extras: dict[str, Any] | None = None
+        self,
+        run_dir: Path,
+        meta: dict[str, Any],
+        dataset: Dataset,
+        monitor: str,
+        extras: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.meta = meta
@@ -63,6 +69,7 @@ class RunInfo:
         self.extras = extras or {}
         self.dataset = dataset
         self.monitor = monitor
+        self.training = training or {}  # devices, batch per device and per step, learning rate
 
     def write(
         self, state: RunState, *, status: str, evaluation: dict[str, Any] | None = None, error: str | None = None
@@ -78,6 +85,7 @@ class RunInfo:
             "best_epoch": state.tracker.best_epoch,
             "best_metric": state.tracker.best,
             "monitor": self.monitor,
+            "training": self.training,
             "dataset": self.dataset.report(include_files=False),
             "created_at": previous.get("created_at") or now(),
             "updated_at": now(),
@@ -87,12 +95,17 @@ class RunInfo:
             info["evaluation"] = evaluation
         atomic_write_json(path, info)
 
-    def write_report(self, state: RunState, evaluation: dict[str, Any]) -> None:
+    def write_report(
+        self, state: RunState, evaluation: dict[str, Any], *, misclassified: dict[str, Any] | None = None
+    ) -> None:
+        """``report.json``: the evaluation, and the test images the model got wrong (``misclassified``:
+        dataset-relative paths, kept here rather than in ``run.json`` and the service's database)."""
         report = {
             "evaluation": evaluation,
             "history": state.history,
             "dataset": self.dataset.report(include_files=False),
             "best_epoch": state.tracker.best_epoch,
             "monitor": self.monitor,
+            "misclassified": misclassified,
         }
         atomic_write_json(self.run_dir / REPORT_FILE, report)

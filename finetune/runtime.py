@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .distributed import Dist, setup
 from .errors import Cancelled, ConfigError
 from .events import Callback, Event
 
@@ -34,6 +35,11 @@ def seed_for(seed: int, *parts: object) -> int:
     """A reproducible 63-bit seed for one stage/epoch, independent of everything that ran before."""
     digest = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def raise_cancelled(stop: bool) -> None:
+    if stop:
+        raise Cancelled("training was cancelled; the last checkpoint is intact and can be resumed")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,25 +68,37 @@ class Runtime:
     callbacks: Sequence[Callback]
     should_stop: StopFlag
     started: float = field(default_factory=time.perf_counter)  # the run's elapsed time counts from here
+    dist: Dist = field(default_factory=Dist)  # this process's rank among the run's processes
 
     @classmethod
     def for_config(cls, config: TrainConfig, callbacks: Sequence[Callback], should_stop: StopFlag | None) -> Runtime:
+        dist = setup(config.devices, config.device)
         device = resolve_device(config.device)
+        if dist.enabled and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
         return cls(
             device,
             resolve_precision(config.precision, device),
             config.channels_last if config.channels_last is not None else True,
             list(callbacks),
             should_stop or (lambda: False),
+            dist=dist,
         )
 
     def emit(self, event: Event) -> None:
+        """Events come from rank 0 only: one run, one stream of progress."""
+        if not self.dist.is_main:
+            return
         for cb in self.callbacks:
             cb(event)
 
     def check_stop(self) -> None:
-        if self.should_stop():
-            raise Cancelled("training was cancelled; the last checkpoint is intact and can be resumed")
+        raise_cancelled(self.should_stop())
+
+    def check_stop_together(self) -> None:
+        """``check_stop`` at a point every rank reaches together (each training batch): a stop asked for on
+        any rank stops every rank at the same batch."""
+        raise_cancelled(self.dist.any(self.should_stop()))
 
     def autocast(self) -> AbstractContextManager[Any]:
         """Mixed precision where asked for; on fp32 a context that does nothing, so there is one code path."""

@@ -108,13 +108,14 @@ def torch_runtime(predictor: Any, name: str) -> Runtime:
         model = torch.compile(model)
     device = predictor.device
     normalize = Normalizer(predictor.preprocessing, device, channels_last)
+    temperature = predictor.temperature  # calibrated, as the predictor and the exports answer
 
     @torch.inference_mode()
     def run(batch: np.ndarray) -> np.ndarray:
         x = normalize(torch.from_numpy(batch).to(device, non_blocking=True))
         with predictor.autocast():
             logits = model(x)
-        return torch.softmax(logits.float(), dim=1).cpu().numpy()
+        return torch.softmax(logits.float() / temperature, dim=1).cpu().numpy()
 
     precision = "bf16" if predictor.amp_dtype is not None else "fp32"
     return Runtime(name, precision, run)

@@ -17,17 +17,21 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .budget import MIN_BUDGET_EPOCHS, BudgetGuard, BudgetPlan, Throughput, plan_epochs, probe, smaller_size
+from .calibration import calibrate, calibrated
 from .checkpoint import (
     RUN_FILE,
     Checkpoint,
+    add_to_meta,
     atomic_write_json,
     contiguous_state,
     load_checkpoint,
@@ -40,7 +44,7 @@ from .dataset import Dataset, DatasetOptions, read_split_file
 from .datastore import StoredDataset, load_into_store
 from .defaults import Choice, DataFacts, apply_defaults, provisional_image_size
 from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
-from .evaluate import metrics_from_logits, predict_logits, validation_metrics
+from .evaluate import metrics_from_logits, misclassified, predict_logits, validation_metrics
 from .events import (
     BatchEnd,
     BudgetPlanned,
@@ -58,7 +62,7 @@ from .events import (
     StageStarted,
 )
 from .head import HeadTrainer, backbone_features
-from .loader import StoredImages, TrainAugment, batches
+from .loader import StoredImages, TrainAugment, batches, shard_batches
 from .lrfind import find_lr
 from .models import (
     AUX_LOSS_WEIGHT,
@@ -92,10 +96,14 @@ class RunResult:
 def train(config: TrainConfig, callbacks: Sequence[Callback] = (), should_stop: StopFlag | None = None) -> RunResult:
     """Fine-tune ``config.model`` on ``config.data`` into the new run directory ``config.out``."""
     config.validate()
+    rt = Runtime.for_config(config, callbacks, should_stop)
     out = Path(config.out)
-    if out.exists() and any(out.iterdir()):
+    taken = out.exists() and any(out.iterdir())
+    rt.dist.wait_for_main()  # every rank has looked before rank 0 writes anything there
+    if taken:
+        rt.dist.close()
         raise ConfigError([f"run directory {out} already exists and is not empty (use --resume to continue it)"])
-    return _run(config, Runtime.for_config(config, callbacks, should_stop), resume_from=None)
+    return _run(config, rt, resume_from=None)
 
 
 def resume(
@@ -115,30 +123,50 @@ def resume(
     if Path(config.out).resolve() != run_dir.resolve():
         config.out = str(run_dir)
     rt = Runtime.for_config(config, callbacks, should_stop)
-    settle(run_dir)  # whatever instant the previous attempt died at
+    if rt.dist.is_main:
+        settle(run_dir)  # whatever instant the previous attempt died at
+    rt.dist.wait_for_main()
     last = load_checkpoint(run_dir, "last") if (run_dir / "last").exists() else None
     return _run(config, rt, resume_from=last)
 
 
 def _run(config: TrainConfig, rt: Runtime, resume_from: Checkpoint | None) -> RunResult:
-    torch.manual_seed(config.seed)
-    check_weights(config)
-    run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config, data, choices = load_data(config, rt.emit)
     try:
-        built = load_model(config, data.dataset.num_classes)
-        # Written only once the model is built: a run that fails before leaves its folder empty, so the
-        # same command can simply be run again (train refuses a non-empty folder).
-        atomic_write_json(run_dir / "dataset.json", run_dataset_report(data.dataset, run_dir))
-        extras: dict[str, Any] = {"defaults": [c.to_dict() for c in choices]} if resume_from is None else {}
-        config, plan = plan_run(config, rt, data, built, extras, fresh=resume_from is None)
-        run = _Run(config, rt, data, built, extras, plan)
-        if resume_from is not None:
-            run.restore(resume_from)
-        return run.execute()
+        torch.manual_seed(config.seed)
+        check_weights(config)
+        run_dir = Path(config.out)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config, data, choices = load_data_ranked(config, rt)
+        try:
+            built = load_model(config, data.dataset.num_classes)
+            # Written only once the model is built: a run that fails before leaves its folder empty, so the
+            # same command can simply be run again (train refuses a non-empty folder).
+            if rt.dist.is_main:
+                atomic_write_json(run_dir / "dataset.json", run_dataset_report(data.dataset, run_dir))
+            extras: dict[str, Any] = {"defaults": [c.to_dict() for c in choices]} if resume_from is None else {}
+            config, plan = plan_run(config, rt, data, built, extras, fresh=resume_from is None)
+            run = _Run(config, rt, data, built, extras, plan)
+            if resume_from is not None:
+                run.restore(resume_from)
+            return run.execute()
+        finally:
+            data.close()  # unpinned: the pixels stay stored, first in line for eviction when space is needed
     finally:
-        data.close()  # unpinned: the pixels stay stored, first in line for eviction when space is needed
+        rt.dist.close()
+
+
+def load_data_ranked(config: TrainConfig, rt: Runtime) -> tuple[TrainConfig, RunData, list[Choice]]:
+    """``load_data`` on rank 0 first (it checks and stores the images), then on the other ranks, which find
+    them stored; rank 0 waits for them so that no rank starts training before every rank holds its data.
+    The defaults chosen from the data are the same on every rank: they depend on the data alone."""
+    if not rt.dist.enabled:
+        return load_data(config, rt.emit)
+    loaded = load_data(config, rt.emit) if rt.dist.is_main else None
+    rt.dist.wait_for_main()
+    if loaded is None:
+        loaded = load_data(config, rt.emit)
+    rt.dist.wait_for_main()
+    return loaded
 
 
 # -- before the first epoch ----------------------------------------------------------------------------
@@ -359,27 +387,43 @@ class EpochTotals:
 def train_one_epoch(run: _Run, optim: Optim, augment: TrainAugment, stage: Stage, epoch: int) -> EpochTotals:
     """One pass over the training images in this epoch's seeded order (random crops and flips on the
     device): an optimizer and schedule step per batch, a ``BatchEnd`` event per step."""
-    c = run.config
+    c, dist = run.config, run.rt.dist
     t0 = time.perf_counter()
     run.model.train()
     gen = torch.Generator().manual_seed(seed_for(c.seed, "finetune", epoch))
-    order = batches(len(run.data.train_images), c.batch_size, generator=gen, drop_last=True)
+    order, mine = shard_batches(len(run.data.train_images), c.batch_size, dist.rank, dist.world, generator=gen)
     totals = EpochTotals()
-    for b, (x, y) in enumerate(augment.batches(run.data.train_images, order, gen), 1):
-        run.rt.check_stop()
+    for b, (x, y) in enumerate(augment.batches(run.data.train_images, order, gen, (dist.rank, dist.world)), 1):
+        run.rt.check_stop_together()
         if run.guard is not None and totals.seen > 0 and run.guard.stop_before_batch():
-            break  # the budget: this epoch ends here, validated and saved
-        loss, correct = run.train_step(optim, x, y, epoch)
+            break  # the budget: this epoch ends here, validated and saved (one device only: see TrainConfig)
+        loss, correct = run.train_step(optim, x, y, epoch, global_batch=len(order[b - 1]))
         optim.scheduler.step()
         totals.add(loss, correct, len(y))
-        run.progress.batch_end(stage, epoch, b, len(order), totals, optim.lr, time.perf_counter() - t0)
+        run.progress.batch_end(stage, epoch, b, len(mine), totals, optim.lr, time.perf_counter() - t0)
+    if dist.enabled:  # the epoch's figures over every rank's images, the same on every rank
+        totals.loss_sum, totals.correct, seen = dist.sum([totals.loss_sum, totals.correct, float(totals.seen)])
+        totals.seen = int(seen)
     return totals
 
 
 def evaluate(
     model: Callable[[torch.Tensor], Any], images: StoredImages, run: _Run
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (float32, on the CPU) and labels of ``images`` under the evaluation preprocessing."""
+    """Logits (float32, on the CPU) and labels of ``images`` under the evaluation preprocessing. With
+    several ranks each evaluates its share and every rank gets all the logits back."""
+    dist = run.rt.dist
+    if dist.enabled:
+        logits, _ = _evaluate(model, images.subset(dist.shard(len(images))), run)
+        if len(logits) == 0:  # fewer images than ranks: this rank's share is empty
+            logits = torch.empty(0, run.data.dataset.num_classes)
+        return dist.gather_shards(logits, len(images)), images.labels
+    return _evaluate(model, images, run)
+
+
+def _evaluate(
+    model: Callable[[torch.Tensor], Any], images: StoredImages, run: _Run
+) -> tuple[torch.Tensor, torch.Tensor]:
     return predict_logits(
         model,
         images,
@@ -402,38 +446,51 @@ class TrainStep:
         self.rt = rt
         self.state = state
 
-    def __call__(self, optim: Optim, x: torch.Tensor, y: torch.Tensor, epoch: int) -> tuple[float, int]:
-        """(mean loss, correct predictions) of the batch."""
+    def __call__(
+        self, optim: Optim, x: torch.Tensor, y: torch.Tensor, epoch: int, global_batch: int | None = None
+    ) -> tuple[float, int]:
+        """(mean loss, correct predictions) of the batch. ``global_batch``: the images of this step across
+        every rank (this rank's share is ``x``)."""
         while True:
             try:
-                return self._accumulate(optim, x, y)
+                return self._accumulate(optim, x, y, global_batch or len(y))
             except torch.cuda.OutOfMemoryError:
                 optim.optimizer.zero_grad(set_to_none=True)
                 if self.rt.device.type == "cuda":
                     torch.cuda.empty_cache()
                 old = self.state.micro_batch
                 new = old // 2
-                if new < self.config.min_batch_size:
+                if new < self.config.min_batch_size or self.rt.dist.enabled:
+                    # With several ranks the others are already inside this step's all-reduce: retrying
+                    # alone would pair mismatched gradients. The run ends; a smaller batch_size fixes it.
                     raise
                 self.rt.emit(OutOfMemoryRetry(epoch, old, new, math.ceil(len(y) / new)))
                 self.state.micro_batch = new
 
-    def _accumulate(self, optim: Optim, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    def _accumulate(self, optim: Optim, x: torch.Tensor, y: torch.Tensor, global_batch: int) -> tuple[float, int]:
         smoothing, micro = self.config.label_smoothing or 0.0, self.state.micro_batch
         optim.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         correct = 0
         n = len(y)
-        for start in range(0, n, micro):
+        # DDP averages the ranks' gradients: weighting this rank's mean by its share of the global batch
+        # (x ranks) makes the result the mean over the global batch even when the shares differ in size.
+        share = n * self.rt.dist.world / global_batch
+        starts = range(0, n, micro)
+        for start in starts:
             xb, yb = x[start : start + micro], y[start : start + micro]
-            with self.rt.autocast():
-                logits, aux = forward_logits(self.model, xb)  # type: ignore[arg-type]
-                loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
-                aux_loss = sum(
-                    (F.cross_entropy(a, yb, label_smoothing=smoothing) for a in aux),
-                    torch.zeros((), device=self.rt.device),
-                )
-            optim.scaler.scale((loss + AUX_LOSS_WEIGHT * aux_loss) * (len(yb) / n)).backward()
+            # Gradients are all-reduced once per step, after the last micro-batch, not after each.
+            last = start == starts[-1]
+            sync = nullcontext() if last or not isinstance(self.model, DDP) else self.model.no_sync()
+            with sync:
+                with self.rt.autocast():
+                    logits, aux = forward_logits(self.model, xb)  # type: ignore[arg-type]
+                    loss = F.cross_entropy(logits, yb, label_smoothing=smoothing)
+                    aux_loss = sum(
+                        (F.cross_entropy(a, yb, label_smoothing=smoothing) for a in aux),
+                        torch.zeros((), device=self.rt.device),
+                    )
+                optim.scaler.scale((loss + AUX_LOSS_WEIGHT * aux_loss) * (len(yb) / n * share)).backward()
             total_loss += loss.item() * len(yb)  # .item() syncs; it is once per micro-batch
             correct += int((logits.argmax(1) == yb).sum().item())
         optim.scaler.step(optim.optimizer)
@@ -450,6 +507,7 @@ class _Progress:
 
     def __init__(self, rt: Runtime, total_epochs: int) -> None:
         self.emit = rt.emit
+        self.ranks = rt.dist.world  # BatchEnd counts rank 0's images; the ranks step together
         self.total_epochs = total_epochs
         self.start = rt.started  # with the data pass and the model's construction, as the caller waited
         self.epoch_times: dict[str, list[float]] = {"head": [], "finetune": []}
@@ -470,7 +528,7 @@ class _Progress:
                 totals.loss_sum / totals.seen,
                 totals.correct / totals.seen,
                 lr,
-                totals.seen / elapsed,
+                totals.seen * self.ranks / elapsed,
                 self.elapsed,
                 self.eta(stage, epoch, batch / num_batches, elapsed),
             )
@@ -529,8 +587,12 @@ class _Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.stages = plan_stages(config)
         self.state = RunState(BestTracker(config.monitor, config.early_stopping), micro_batch=config.batch_size)
-        # Compiled, the step model shares the model's weights (and compiles at its first call).
-        self.train_step = TrainStep(torch.compile(self.model) if config.compile else self.model, config, rt, self.state)
+        # The step model shares the model's weights: wrapped for data parallelism (DDP starts every rank
+        # from rank 0's weights and all-reduces gradients in backward), compiled at its first call if asked.
+        step_model: Any = self.model
+        if rt.dist.enabled:
+            step_model = DDP(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        self.train_step = TrainStep(torch.compile(step_model) if config.compile else step_model, config, rt, self.state)
         self.progress = _Progress(rt, self.stages[-1].last_epoch)
         self.info = RunInfo(
             self.run_dir,
@@ -538,6 +600,7 @@ class _Run:
             data.dataset,
             config.monitor,
             extras=extras or {},
+            training=training_facts(config, rt),
         )
         self.guard = (
             BudgetGuard(
@@ -558,6 +621,12 @@ class _Run:
                 "the dataset changed since this run started (different files, labels or split); "
                 "start a new run instead of resuming"
             )
+        saved_devices = int(ckpt.meta.get("config", {}).get("devices", 1))
+        if saved_devices != self.config.devices:
+            # The order of the images, the global batch and the schedule's steps depend on the rank count.
+            raise CheckpointError(
+                f"this run was trained on {saved_devices} device(s): resume it with devices={saved_devices}"
+            )
         self.model.load_state_dict(ckpt.state_dict())
         self.resumed_train_state = ckpt.train_state()
         self.state.load(ckpt.meta, self.resumed_train_state, self.stages)
@@ -565,7 +634,8 @@ class _Run:
 
     def execute(self) -> RunResult:
         c, data = self.config, self.data
-        self.info.write(self.state, status="running")
+        if self.rt.dist.is_main:
+            self.info.write(self.state, status="running")
         self.rt.emit(
             RunStarted(
                 str(self.run_dir),
@@ -579,6 +649,8 @@ class _Run:
                 str(self.rt.device),
                 resumed_from_epoch=self.state.last_epoch,
                 split=split_summary(data.dataset, c),
+                devices=self.rt.dist.world,
+                global_batch=c.batch_size * self.rt.dist.world,
             )
         )
         try:
@@ -590,15 +662,20 @@ class _Run:
                     continue
                 self.run_stage(stage)
         except Cancelled:
-            self.info.write(self.state, status="cancelled")
+            if self.rt.dist.is_main:
+                self.info.write(self.state, status="cancelled")
             raise
         except BaseException as e:
-            self.info.write(self.state, status="failed", error=f"{type(e).__name__}: {e}")
+            if self.rt.dist.is_main:
+                self.info.write(self.state, status="failed", error=f"{type(e).__name__}: {e}")
             raise
-        evaluation = self.final_evaluation()
-        self.info.write(self.state, status="succeeded", evaluation=evaluation)
         tracker = self.state.tracker
         best = float(tracker.best if tracker.best is not None else float("nan"))
+        if not self.rt.dist.is_main:
+            # Rank 0 evaluates the best checkpoint and reports; the others are done.
+            return RunResult(self.run_dir, tracker.best_epoch, best, c.monitor, {}, self.state.history)
+        evaluation = self.final_evaluation()
+        self.info.write(self.state, status="succeeded", evaluation=evaluation)
         self.rt.emit(
             RunFinished(str(self.run_dir), tracker.best_epoch, best, c.monitor, evaluation, self.progress.elapsed)
         )
@@ -675,12 +752,16 @@ class _Run:
 
     def finetune_stage(self, stage: Stage) -> None:
         c, rt = self.config, self.rt
-        rt.emit(StageStarted("finetune", f"fine-tuning all layers for {stage.epochs} epochs"))
+        n_train, ranks = len(self.data.train_images), rt.dist.world
+        if n_train < ranks:
+            raise ConfigError([f"{n_train} training images cannot be shared by {ranks} devices"])
+        on = f" on {ranks} devices (global batch {c.batch_size * ranks})" if ranks > 1 else ""
+        rt.emit(StageStarted("finetune", f"fine-tuning all layers for {stage.epochs} epochs{on}"))
         optim = finetune_optim(
             c,
             self.model,
             discriminative=stage.discriminative,
-            steps_per_epoch=len(batches(len(self.data.train_images), c.batch_size, drop_last=True)),
+            steps_per_epoch=len(batches(n_train, c.batch_size * ranks, drop_last=True)),
             epochs=stage.epochs,
             device=rt.device,
             fp16=rt.amp_dtype == torch.float16,
@@ -744,6 +825,10 @@ class _Run:
         return is_best
 
     def save(self, epoch: int, stage: str, *, train_state: dict[str, Any] | None = None, commit: bool = True) -> None:
+        """Rank 0 writes (every rank holds the same weights and state); the others go on to the next epoch
+        and meet it at that epoch's first all-reduce."""
+        if not self.rt.dist.is_main:
+            return
         best_epoch = self.state.tracker.best_epoch
         meta = {**self.info.meta, "epoch": epoch, "stage": stage, **self.state.to_meta(), "saved_at": now()}
         path = save_checkpoint(
@@ -763,12 +848,41 @@ class _Run:
         self.model.load_state_dict(best.state_dict())
         model = inference_model(self.model)  # exactly what the predictor will run
         evaluation: dict[str, Any] = {"checkpoint": best.path.name, "epoch": best.epoch}
+        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name, images in (("val", self.data.val_images), ("test", self.data.test_images)):
             if len(images) > 0:
-                logits, labels = evaluate(model, images, self)
-                evaluation[name] = metrics_from_logits(logits, labels, self.data.dataset.classes)
-        self.info.write_report(self.state, evaluation)
+                outputs[name] = _evaluate(model, images, self)  # rank 0 alone: the others have finished
+                evaluation[name] = metrics_from_logits(*outputs[name], self.data.dataset.classes)
+        # Fitted on val, kept with the weights it belongs to: whoever loads the checkpoint applies it.
+        calibration, evaluation["calibration"] = calibrate(outputs)
+        add_to_meta(best, "calibration", calibration)
+        wrong = None
+        if "test" in outputs:
+            logits, labels = outputs["test"]
+            paths = [s.path for s in self.data.dataset.split("test")]
+            wrong = misclassified(calibrated(logits, calibration["temperature"]), labels, paths)
+            # Where ``path`` is relative to: the dataset's folder as the run was given it, and from the run
+            # folder (found wherever the folders are mounted), as in dataset.json.
+            wrong.update(
+                split="test",
+                root=str(self.data.dataset.root),
+                root_from_run=os.path.relpath(self.data.dataset.root, self.run_dir),
+            )
+        self.info.write_report(self.state, evaluation, misclassified=wrong)
         return evaluation
+
+
+def training_facts(config: TrainConfig, rt: Runtime) -> dict[str, Any]:
+    """How the run trains, for run.json: devices, the batch per device and per step, the rate used."""
+    return {
+        "devices": rt.dist.world,
+        "backend": rt.dist.backend,
+        "device": str(rt.device) if not rt.dist.enabled else f"{rt.device.type} x {rt.dist.world}",
+        "batch_per_device": config.batch_size,
+        "global_batch": config.batch_size * rt.dist.world,
+        "lr": config.resolved_lr(),
+        "lr_note": "used as given for the global batch (no automatic scaling with the number of devices)",
+    }
 
 
 def load_run_info(run_dir: str | Path) -> dict[str, Any]:

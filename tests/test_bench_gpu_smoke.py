@@ -79,3 +79,25 @@ def test_gpu_benchmark_runs_with_only_torch_torchvision_numpy_pillow(tmp_path: P
     serving = row["serving"]
     assert serving["torch"]["fp32"]["4"] > 0
     assert "not installed" in serving["onnxruntime"]["skipped"]
+
+
+def test_multi_gpu_section_is_skipped_with_a_reason_without_a_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from bench import ddp
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the section runs")
+    assert ddp.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert "--nproc-per-node" in (ROOT / "bench" / "gpu.sh").read_text()
+
+
+def test_multi_gpu_summary_is_images_per_second_and_scaling_efficiency() -> None:
+    from bench.ddp import summary
+
+    rows = [{"ranks": 2, "images_per_sec": 1800.0}, {"ranks": 1, "images_per_sec": 1000.0}]
+    assert summary(rows) == [
+        {"ranks": 1, "images_per_sec": 1000.0, "scaling_efficiency": 1.0},
+        {"ranks": 2, "images_per_sec": 1800.0, "scaling_efficiency": 0.9},
+    ]

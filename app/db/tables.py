@@ -250,6 +250,9 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # "fp32", or "int8" (ONNX Runtime, quantized) once the owner has seen its accuracy change on the test split.
     serving_precision: Mapped[str] = mapped_column(String(8), default="fp32", server_default="fp32")
+    # The owner's "unknown" threshold for predict (0..1); None: the one chosen on validation after training,
+    # which lives with the calibration in the checkpoint's metadata.
+    threshold: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class Worker(Base):
@@ -262,7 +265,7 @@ class Worker(Base):
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
     slots: Mapped[int] = mapped_column(Integer)
-    devices: Mapped[list[Any]] = mapped_column()  # GPU ids its jobs are pinned to ([] on a CPU host)
+    devices: Mapped[list[Any]] = mapped_column()  # GPU ids its jobs are pinned to; cpu:N entries on a CPU host
     weights: Mapped[list[Any]] = mapped_column()  # architectures whose ImageNet weights it holds
     started_at: Mapped[datetime] = mapped_column()
     heartbeat_at: Mapped[datetime] = mapped_column()

@@ -12,6 +12,10 @@ passed again on every resume, never read back from the run.
 
 SIGUSR1 (its worker drains) stops it at the next batch boundary with exit code 75 and nothing recorded: the
 worker puts the job back in the queue, and it continues from its last checkpoint elsewhere.
+
+A job on several devices runs one such process per device under torchrun (``app.jobs.ranks``). Rank 0 is
+the one described above; the other ranks join the process group, wait for rank 0 to fetch the run's files,
+train, and write nothing: no row, no file, no status (``follow``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete
 
@@ -43,6 +47,9 @@ from finetune.config import TrainConfig
 from finetune.errors import Cancelled, InputError
 from finetune.events import Event
 
+if TYPE_CHECKING:
+    from finetune.train import RunResult
+
 log = logging.getLogger("app.jobs.child")
 
 
@@ -51,6 +58,9 @@ class Superseded(Exception):
 
 
 EXIT_DRAINED = 75  # same as app.jobs.worker.EXIT_DRAINED (not imported: the worker module is not needed here)
+# Rank 0 of a job on several devices lost another rank (a collective failed): it records nothing, and its
+# launcher (app.jobs.ranks) reports how that rank ended, so the worker retries a killed rank's job.
+EXIT_PEER_LOST = 76
 
 
 class JobReporter:
@@ -213,7 +223,7 @@ class JobReporter:
 
 
 def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | None = None) -> int:
-    from finetune.train import resume, train
+    from finetune.distributed import setup
 
     storage = Storage.from_settings(settings)
     with session_scope(settings.db_url) as s:
@@ -224,36 +234,29 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
         dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
         job_config, run_key, owner_id = dict(job.config), job.run_key, job.owner_id
     reporter = reporter or JobReporter(settings, job_id, attempt)
+    # Under torchrun (a job on several devices) every rank joins first; rank 0 fetches and records.
+    ranks = setup(int(job_config.get("devices", 1)), "auto") if _under_torchrun() else None
+    if ranks is not None and not ranks.is_main:
+        ranks.wait_for_main()  # rank 0 has fetched the dataset and the run
+        return follow(storage, dataset, job_config, run_key, settings, reporter)
+    released = ranks is None
+
+    def release_ranks() -> None:
+        nonlocal released
+        if not released:
+            released = True
+            assert ranks is not None
+            ranks.wait_for_main()
+
     reporter.publish = lambda: storage.publish(run_key)
-    run_dir = storage.path(run_key)
     try:
         if dataset is None:
             raise InputError("the job's dataset was deleted")
         storage.fetch(dataset.storage_key, immutable=True)  # with object storage: this host's copy of it
         storage.fetch(run_key)  # a run another host started (or continued) goes on from its last checkpoint
-        split = TrainConfig(**job_config)  # the job's own seed and fractions, defaults included
-        here: dict[str, Any] = {
-            # The uploaded folder itself (the engine finds the same root in it), so its names file is read.
-            "data": str(dataset_images_folder(storage, dataset).relative_to(storage.root)),
-            "cache_dir": _under(settings.cache_dir, storage.root),
-            "weights_dir": _under(settings.weights_dir, storage.root) if settings.weights_dir else None,
-            # The images the upload's check accepted, in the split the dataset's page shows (or, for a job
-            # asking for another seed or fractions, those images to split again).
-            "split_file": str(
-                split_file_for(storage, dataset, split.seed, split.val_fraction, split.test_fraction).relative_to(
-                    storage.root
-                )
-            ),
-            "cache_max_bytes": settings.cache_max_bytes,
-        }
-        out = str(run_dir.relative_to(storage.root))
-        # Paths relative to the data folder, the working directory meanwhile: see the module's docstring.
-        with contextlib.chdir(storage.root):
-            if (run_dir / "run.json").exists():
-                result = resume(out, [reporter], reporter.should_stop, overrides=here)
-            else:
-                _clear_unstarted(run_dir)
-                result = train(TrainConfig(**job_config, **here, out=out), [reporter], reporter.should_stop)
+        release_ranks()
+        out, here = engine_config(storage, dataset, job_config, run_key, settings)
+        result = train_or_resume(storage, job_config, out, here, [reporter], reporter.should_stop)
     except (Cancelled, Superseded):
         _publish_quietly(storage, run_key)
         if reporter.draining:
@@ -267,11 +270,17 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
         _fail(settings, job_id, attempt, str(e), getattr(e, "code", "bad_input"))
         return 0
     except Exception as e:
+        if ranks is not None and lost_a_rank(e):
+            log.exception("job %s lost one of its ranks; its launcher reports how it ended", job_id)
+            return EXIT_PEER_LOST
         log.exception("job %s failed", job_id)
         _publish_quietly(storage, run_key)
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
         _fail(settings, job_id, attempt, _explain_failure(e, detail), "training_failed")
         return 1
+    finally:
+        release_ranks()  # ended before the others were let go: they go on and fail fast without rank 0
+    assert dataset is not None
     storage.publish(run_key)  # the model's files are in the store before the model row says they exist
     with session_scope(settings.db_url) as s:
         ok = state.succeed(s, job_id, attempt, progress=1.0, message="finished")
@@ -290,6 +299,88 @@ def run(settings: Settings, job_id: str, attempt: int, reporter: JobReporter | N
                     size_bytes=storage.size(run_key),
                 )
             )
+    return 0
+
+
+def lost_a_rank(e: BaseException) -> bool:
+    """A collective that failed because another rank is gone (gloo: the connection was reset or closed;
+    NCCL: the communicator aborted or timed out), not an error of this rank's own."""
+    import torch.distributed as dist
+
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("by peer", "Connection closed", "Connection reset", "NCCL communicator", "Timed out")
+    )
+
+
+def _under_torchrun() -> bool:
+    from finetune.distributed import launched_ranks
+
+    return launched_ranks() > 1
+
+
+def engine_config(
+    storage: Storage, dataset: Dataset, job_config: dict[str, Any], run_key: str, settings: Settings
+) -> tuple[str, dict[str, Any]]:
+    """The run folder and the host-local settings of the engine's config, relative to the data folder."""
+    split = TrainConfig(**job_config)  # the job's own seed and fractions, defaults included
+    here: dict[str, Any] = {
+        # The uploaded folder itself (the engine finds the same root in it), so its names file is read.
+        "data": str(dataset_images_folder(storage, dataset).relative_to(storage.root)),
+        "cache_dir": _under(settings.cache_dir, storage.root),
+        "weights_dir": _under(settings.weights_dir, storage.root) if settings.weights_dir else None,
+        # The images the upload's check accepted, in the split the dataset's page shows (or, for a job
+        # asking for another seed or fractions, those images to split again).
+        "split_file": str(
+            split_file_for(storage, dataset, split.seed, split.val_fraction, split.test_fraction).relative_to(
+                storage.root
+            )
+        ),
+        "cache_max_bytes": settings.cache_max_bytes,
+    }
+    return str(storage.path(run_key).relative_to(storage.root)), here
+
+
+def train_or_resume(
+    storage: Storage,
+    job_config: dict[str, Any],
+    out: str,
+    here: dict[str, Any],
+    callbacks: list[Callable[[Event], None]],
+    should_stop: Callable[[], bool],
+) -> RunResult:
+    from finetune.train import resume, train
+
+    run_dir = storage.root / out
+    # Paths relative to the data folder, the working directory meanwhile: see the module's docstring.
+    with contextlib.chdir(storage.root):
+        if (run_dir / "run.json").exists():
+            return resume(out, callbacks, should_stop, overrides=here)
+        if os.environ.get("RANK", "0") == "0":
+            _clear_unstarted(run_dir)
+        return train(TrainConfig(**job_config, **here, out=out), callbacks, should_stop)
+
+
+def follow(
+    storage: Storage,
+    dataset: Dataset | None,
+    job_config: dict[str, Any],
+    run_key: str,
+    settings: Settings,
+    reporter: JobReporter,
+) -> int:
+    """A rank other than 0: train along, record nothing. Rank 0 decides the job's outcome; a stop (cancel,
+    drain) reaches every rank at the same batch."""
+    if dataset is None:
+        return 0
+    try:
+        out, here = engine_config(storage, dataset, job_config, run_key, settings)
+        train_or_resume(storage, job_config, out, here, [], lambda: reporter.draining)
+    except Cancelled:
+        return EXIT_DRAINED if reporter.draining else 0
+    except Exception:
+        log.exception("rank %s of the job's run failed", os.environ.get("RANK"))
+        return 1
     return 0
 
 

@@ -63,6 +63,15 @@ def gpu_ids() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def advertised_devices(settings: Settings) -> list[str]:
+    """What a worker offers one job: its GPU ids, or on a host without GPUs ``cpu:0`` ... ``cpu:N-1``
+    (``cpu_devices``: that many gloo processes)."""
+    gpus = gpu_ids()
+    if gpus:
+        return gpus[: settings.worker_slots or len(gpus)]  # the cards its slots use
+    return [f"cpu:{i}" for i in range(settings.cpu_devices)]
+
+
 def slot_count(settings: Settings) -> int:
     return settings.worker_slots or max(1, len(gpu_ids()))
 
@@ -96,6 +105,10 @@ class JobWorker:
         self.pid = os.getpid()
         self.devices = gpu_ids()
         self.slots = settings.worker_slots or max(1, len(self.devices))
+        # The most devices one job may use here: distinct cards among the slots, or gloo processes on a CPU.
+        self.capacity = min(len(self.devices), self.slots) if self.devices else settings.cpu_devices
+        # What the registry shows and job requests are checked against: the cards its slots use, or cpu:N.
+        self.advertised = advertised_devices(settings) if not self.devices else self.devices[: self.capacity]
         self.weights = usable_weights(settings)
         self.queue = JobQueue(settings, runner=self.run_job)
         self.draining = threading.Event()
@@ -106,6 +119,7 @@ class JobWorker:
             self._gpu.put(self.devices[i % len(self.devices)] if self.devices else None)
         self._children: dict[str, subprocess.Popen[bytes]] = {}
         self._lock = threading.Lock()
+        self._reserving = threading.Lock()  # one job at a time takes several slots
 
     # -- life ---------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -117,7 +131,7 @@ class JobWorker:
                 host=self.host,
                 pid=self.pid,
                 slots=self.slots,
-                devices=self.devices,
+                devices=self.advertised,
                 weights=self.weights,
                 draining=False,
             )
@@ -182,41 +196,67 @@ class JobWorker:
         if self.draining.is_set():  # taken just as the drain began: hand it back
             self.queue.enqueue(job_id)
             return
-        if not self._can_run(job_id):
+        devices = self._can_run(job_id)
+        if devices is None:
             return
         with session_scope(self.settings.db_url) as s:
             attempt = state.claim(s, job_id, self.id, self.settings.lease_seconds)
         if attempt is None:
             log.info("job %s is not queued any more (cancelled, or already taken); skipping", job_id)
             return
-        slot = self._gpu.get()
+        slots = self._reserve(devices)
         try:
-            ended = self._run_child(job_id, attempt, slot)
+            ended = self._run_child(job_id, attempt, slots, devices)
             self._record_exit(job_id, attempt, ended)
         finally:
-            self._gpu.put(slot)
+            for slot in slots:
+                self._gpu.put(slot)
 
-    def _can_run(self, job_id: str) -> bool:
-        """A job needing ImageNet weights this host lacks is left queued, saying why: the sweep for queued jobs
-        without a message sends it again, and a worker that holds them takes it."""
+    def _reserve(self, devices: int) -> list[str | None]:
+        """The job's slots: one, or on a GPU host as many as it takes to hold ``devices`` distinct cards (the
+        whole of each card: its other slots too when a card has several). One job reserves at a time, so two
+        jobs never each hold half of what both need."""
+        if devices <= 1 or not self.devices:
+            return [self._gpu.get()]
+        with self._reserving:
+            slots: list[str | None] = []
+            while len(set(slots)) < devices:
+                slots.append(self._gpu.get())
+            return slots
+
+    def _can_run(self, job_id: str) -> int | None:
+        """The devices the job asks for, or None when it is left queued, saying why: a job needing ImageNet
+        weights this host lacks, or more devices than it has. The sweep for queued jobs without a message
+        sends it again, and a worker that can run it takes it."""
         with session_scope(self.settings.db_url) as s:
-            job = s.execute(select(Job.weights, Job.arch).where(Job.id == job_id)).first()
-            if job is None or job.weights != "imagenet" or job.arch in self.weights:
-                return True
-            state.set_waiting_message(
-                s, job_id, f"waiting for a worker that holds the ImageNet weights of {job.arch} ({self.host} has none)"
-            )
-        log.info("job %s needs the ImageNet weights of %s, which this host lacks; leaving it queued", job_id, job.arch)
-        return False
+            job = s.execute(select(Job.weights, Job.arch, Job.config).where(Job.id == job_id)).first()
+            if job is None:
+                return 1
+            devices = int((job.config or {}).get("devices", 1))
+            capacity = self.capacity
+            if devices > capacity:
+                why = f"waiting for a worker with {devices} devices ({self.host} has {capacity})"
+            elif job.weights != "imagenet" or job.arch in self.weights:
+                return devices
+            else:
+                why = f"waiting for a worker that holds the ImageNet weights of {job.arch} ({self.host} has none)"
+            state.set_waiting_message(s, job_id, why)
+        log.info("job %s: %s; leaving it queued", job_id, why)
+        return None
 
     # -- one child ----------------------------------------------------------------------------------------
-    def _run_child(self, job_id: str, attempt: int, slot: str | None) -> ChildExit:
+    def _run_child(self, job_id: str, attempt: int, slots: list[str | None], devices: int = 1) -> ChildExit:
         env = {**os.environ, **settings_to_env(self.settings)}
-        if slot is not None:
-            env["CUDA_VISIBLE_DEVICES"] = slot
+        cards = sorted({s for s in slots if s is not None}, key=slots.index)
+        if cards:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(cards)
         logs = self.settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "app.jobs.child", job_id, str(attempt), str(os.getpid())]
+        if devices > 1:  # one process per device under torchrun (app.jobs.ranks), rank 0 the reporting one
+            cmd = [sys.executable, "-m", "app.jobs.ranks", job_id, str(attempt), str(os.getpid()), str(devices)]
+            if not cards:
+                env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // devices)))
         with open(logs / f"job-{job_id}-{attempt}.log", "ab") as logfile:
             proc = subprocess.Popen(cmd, env=env, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
             log.info("job %s attempt %s: started process %s", job_id, attempt, proc.pid)

@@ -58,6 +58,7 @@ MAIN_SETTINGS = (
     "budget_minutes",
     "head_epochs",
     "batch_size",
+    "devices",
     "lr",
     "image_size",
     "optimizer",
@@ -79,7 +80,8 @@ ARCH_NOTES = {
 }
 FIELD_LABELS = {
     "lr": "Learning rate",
-    "batch_size": "Batch size",
+    "batch_size": "Batch size (per device)",
+    "devices": "Devices (GPUs)",
     "image_size": "Image size (px)",
     "head_epochs": "Head epochs",
     "backbone_lr_mult": "Backbone LR multiplier",
@@ -415,6 +417,8 @@ def model_page(
             "exports": export_svc.exports_info(request.app.state.storage, model),
             "serving": export_svc.serving_info(request.app.state.storage, model, _loaded_info(request, model.id)),
             "formats": EXPORT_FORMATS,
+            "calibration": evaluation.get("calibration") if isinstance(evaluation.get("calibration"), dict) else None,
+            "threshold": model_svc.threshold_info(model),
         },
     )
 

@@ -78,12 +78,15 @@ class DatasetChecks:
                     dataset = svc.accept(session, self.storage, dataset_id, checked)
                     if dataset is None:
                         raise Conflict(f"upload {dataset_id} was deleted or interrupted while it was checked")
+                    # The pixels join the store before the row says ready, so a job started at once finds them
+                    # rather than decoding every image again. Should the commit below fail, they stay only as
+                    # unreferenced cache, which the store's budget evicts like any other.
+                    checked.keep_pixels()
                     try:
                         session.commit()
                     except BaseException:
                         self.storage.delete(dataset.storage_key)
                         raise
-                checked.keep_pixels()
                 return dataset
             finally:
                 checked.drop_pixels()  # a no-op once kept

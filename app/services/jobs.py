@@ -16,7 +16,14 @@ from app.settings import Settings
 from app.storage import Storage
 from finetune import weights as engine_weights
 from finetune.config import TrainConfig
-from finetune.errors import WeightsNotCachedError
+from finetune.errors import InputError, WeightsNotCachedError
+
+
+class TooManyDevices(InputError):
+    """A job asks for more devices than any worker offers (422)."""
+
+    code = "too_many_devices"
+
 
 # Settings a user never chooses for a server-side job: where data and runs live, which device.
 SERVER_OWNED = {"data", "out", "cache_dir", "cache_max_bytes", "split_file", "weights_dir", "device"}
@@ -120,6 +127,41 @@ def check_weights(session: Session, config: TrainConfig, settings: Settings) -> 
     return f"waiting for a worker that holds the ImageNet weights of {config.model}"
 
 
+def worker_capacity(devices: list[Any]) -> int:
+    """How many devices one job may use on a worker that advertises ``devices``: its GPUs, or on a host
+    without GPUs its ``cpu:N`` entries (``cpu_devices``); a worker registered before either counts as 1."""
+    return max(1, len(devices or []))
+
+
+def this_host_devices(settings: Settings) -> list[str]:
+    """What a worker on this host advertises (``nvidia-smi -L`` or CUDA_VISIBLE_DEVICES: no CUDA here)."""
+    from app.jobs.worker import advertised_devices
+
+    return advertised_devices(settings)
+
+
+def check_devices(session: Session, config: TrainConfig, settings: Settings) -> None:
+    """A job for several devices needs a worker that has them: refused (422, with what the workers offer)
+    when no live worker does. With no live worker, one host checks what a worker here would offer; several
+    hosts accept the job (a bigger worker may start)."""
+    if config.devices <= 1:
+        return
+    live = session.execute(select(Worker.host, Worker.devices).where(state.worker_alive())).all()
+    if live:
+        offers = {(w.host, worker_capacity(w.devices)) for w in live}
+    elif not settings.is_multi_host:
+        offers = {("this host", worker_capacity(this_host_devices(settings)))}
+    else:
+        return
+    most = max(n for _, n in offers)
+    if config.devices > most:
+        where = ", ".join(f"{host}: {n}" for host, n in sorted(offers))
+        raise TooManyDevices(
+            f"devices={config.devices}, but no running worker has that many (devices per worker: {where}). "
+            f"Ask for at most {most}; a worker without GPUs offers FINETUNE_CPU_DEVICES processes."
+        )
+
+
 def create_job(session: Session, owner: User, dataset: Dataset, config: TrainConfig, settings: Settings) -> Job:
     """Add the queued job, unless the owner already has as many queued jobs as a user may (429). The cap
     holds under concurrent submits: the count and the insert are one statement (see ``state.create``)."""
@@ -127,6 +169,7 @@ def create_job(session: Session, owner: User, dataset: Dataset, config: TrainCon
         detail = "is still being checked" if dataset.status == "checking" else "was refused"
         raise Conflict(f"dataset {dataset.id} {detail}: train on a ready dataset", code="dataset_not_ready")
     waiting = check_weights(session, config, settings)
+    check_devices(session, config, settings)
     job_id = new_id()
     stored = {k: v for k, v in config.to_dict().items() if k not in SERVER_OWNED}
     values = {

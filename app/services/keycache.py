@@ -38,6 +38,7 @@ class ModelRef:
     owner_id: str
     run_key: str
     serving_precision: str
+    threshold: float | None = None  # the owner's; None: the model's own (chosen on validation)
 
 
 class TtlCache(Generic[V]):

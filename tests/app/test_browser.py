@@ -209,6 +209,15 @@ def test_upload_train_watch_and_predict_in_the_browser(service: tuple[str, str],
             assert probs == sorted(probs, reverse=True) and 99 <= sum(probs) <= 101
             expect(page.locator(".prediction img")).to_have_attribute("alt", "red.png")
             expect(page.locator("#predict-error")).to_be_hidden()
+            expect(page.locator(".prediction .answer")).to_have_count(1)
+
+            # 5. Calibration charts, the misclassified gallery, and a Grad-CAM heat map over the image.
+            assert page.evaluate("() => !!Chart.getChart('reliability-chart') && !!Chart.getChart('coverage-chart')")
+            expect(page.locator("#gallery-summary")).not_to_have_text("Loading…")
+            page.check("#explain-input")
+            page.set_input_files("#predict-input", files=[{"name": "red.png", "mimeType": "image/png", "buffer": red}])
+            expect(page.locator(".prediction canvas.gradcam")).to_have_count(1, timeout=30_000)
+            expect(page.locator("#predict-error")).to_be_hidden()
         finally:
             browser.close()
     assert not problems, problems

@@ -68,6 +68,8 @@ def test_an_async_upload_answers_at_once_and_shows_its_check(client: TestClient)
     ready, _ = wait_until_checked(client, body["id"])
     assert ready["status"] == "ready" and ready["num_images"] == 36 and ready["error"] is None
     assert ready["progress"] is None and sum(len(u) for u in ready["thumbnails"].values()) == 12
+    # Ready means stored: a job started now reads these pixels instead of decoding the images again.
+    assert client.get("/readyz").json()["pixel_store"]["entries"] == 36
     assert any(d["id"] == body["id"] and d["status"] == "ready" for d in client.get(API).json())
 
 

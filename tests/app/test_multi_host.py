@@ -52,7 +52,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"model": "lenet", "weights": "none", "image_size": 32, "batch_size": 8}
-LONG = 400  # epochs: still running whenever a test kills, drains or cancels it (it is always stopped early)
+LONG = 1000  # epochs (the most a job may ask): still running whenever a test kills, drains or cancels it
 FINISHED = ("succeeded", "failed", "cancelled")
 TAKEOVER_TARGET_SECONDS = 20.0
 
@@ -282,9 +282,9 @@ def zipped(files: dict[str, bytes]) -> bytes:
     return out.getvalue()
 
 
-def submit(c: Cluster, epochs: int, api: str = "api-1") -> str:
+def submit(c: Cluster, epochs: int, api: str = "api-1", **overrides: Any) -> str:
     with c.api(api) as client:
-        r = client.post("/api/v1/jobs", json={"dataset_id": c.dataset_id, **TINY, "epochs": epochs})
+        r = client.post("/api/v1/jobs", json={"dataset_id": c.dataset_id, **TINY, "epochs": epochs, **overrides})
         assert r.status_code == 202, r.text
         return str(r.json()["id"])
 
@@ -504,7 +504,8 @@ def test_two_workers_with_the_same_host_name_and_pid_take_nothing_from_each_othe
     twin1.name = "twin"
     twin1.start()
     wait_for(lambda: any(w.host == "twin" for w in c.live_workers()), 120, "the first twin")
-    job_id = submit(c, epochs=LONG)
+    # Larger images make each epoch slower: the job must outlive a worker start and more than a lease.
+    job_id = submit(c, epochs=LONG, image_size=96)
     wait_checkpoint(c, job_id)
     twin2 = c.host("twin-2", "worker", pid1=True)
     twin2.name = "twin"

@@ -148,7 +148,7 @@ def test_a_run_continues_on_a_host_that_never_saw_it(
     on_host(settings, tmp_path, "gpu-2")
     start_worker()
     assert client.post(f"{API}/{job['id']}/resume").status_code == 202
-    done = wait_for_job(client, job["id"], FINISHED)
+    done = wait_for_job(client, job["id"], FINISHED, timeout=300)  # ~60 epochs: minutes on a loaded machine
     assert_continued_from_checkpoint(settings, done, checkpoint, LONG)
     assert (tmp_path / "gpu-2-cache" / "objects" / "runs" / job["id"] / "checkpoints").is_dir()
     assert not (tmp_path / "gpu-1-cache").exists()

@@ -1,6 +1,6 @@
-"""/api/v1/models: list, get (metrics, per class, confusion matrix, training config, exports and serving),
-download the checkpoint bundle, export (ONNX, TorchScript, int8 ONNX, each parity-checked), choose the
-serving precision, delete. Prediction is in ``predict.py``."""
+"""/api/v1/models: list, get (metrics, per class, confusion matrix, calibration, training config, exports and
+serving), change the "unknown" threshold, the misclassified test images, download the checkpoint bundle, export (ONNX, TorchScript, int8
+ONNX, each parity-checked), choose the serving precision, delete. Prediction is in ``predict.py``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 from app.api.deps import CurrentUser, SessionDep, StorageDep
 from app.api.types import UtcDateTime
 from app.db.tables import Model
+from app.errors import ApiError
 from app.services import exports as export_svc
 from app.services import models as svc
 from app.serving.cache import ModelCache
@@ -111,9 +112,27 @@ class ServingOut(BaseModel):
     loaded_here: dict[str, Any] | None = Field(None, description="what this API process serves the model with now")
 
 
+class ThresholdOut(BaseModel):
+    value: float | None = Field(
+        description="what predict uses: below it, `label` is `unknown` (null: every image gets its top label)"
+    )
+    source: Literal["owner", "validation", "none"] = Field(
+        description="`owner`: set with PATCH; `validation`: chosen after training for `target_precision`"
+    )
+    chosen: float | None = Field(None, description="the threshold chosen on the validation split")
+    target_precision: float | None = Field(None, description="the precision the chosen threshold reaches on val")
+
+
 class ModelOut(ModelSummary):
     val: SplitMetrics | None = None
     test: SplitMetrics | None = None
+    calibration: dict[str, Any] | None = Field(
+        None,
+        description="temperature scaling fitted on val: `temperature`, per split `ece_before`/`ece_after` with "
+        "reliability-diagram bins (`reliability_before`/`_after`), and the val `coverage` curve (per threshold: "
+        "share of images answered and their accuracy)",
+    )
+    threshold: ThresholdOut | None = None
     config: dict[str, Any] = Field(description="the training settings of the job that made the model")
     download_url: str
     predict_url: str
@@ -123,6 +142,22 @@ class ModelOut(ModelSummary):
 
 class ServingIn(BaseModel):
     precision: Literal["fp32", "int8"]
+
+
+class ModelPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="predict answers `unknown` below this top probability; 0: never; null: back to the "
+        "threshold chosen on validation",
+    )
+
+
+def threshold_out(model: Model) -> ThresholdOut:
+    return ThresholdOut.model_validate(svc.threshold_info(model))
 
 
 def _split(evaluation: dict[str, Any], name: str) -> dict[str, Any] | None:
@@ -164,6 +199,8 @@ def model_out(model: Model, storage: Storage | None = None, loaded: dict[str, An
         **_summary_fields(model),
         val=SplitMetrics.model_validate(val) if val else None,
         test=SplitMetrics.model_validate(test) if test else None,
+        calibration=evaluation.get("calibration") if isinstance(evaluation.get("calibration"), dict) else None,
+        threshold=threshold_out(model),
         config=model.config,
         download_url=f"/api/v1/models/{model.id}/download",
         predict_url=f"/api/v1/models/{model.id}/predict",
@@ -185,6 +222,95 @@ def get_model(
 ) -> ModelOut:
     entry = cache.loaded(model_id)
     return model_out(svc.get_owned(session, user, model_id), storage, entry.info() if entry else None)
+
+
+@router.patch(
+    "/{model_id}",
+    summary="Change a model's settings: its `unknown` threshold",
+    description='`{"threshold": 0.7}`: predict answers `unknown` when the top (calibrated) probability is '
+    "below 0.7; `0` never answers `unknown`; `null` goes back to the threshold chosen on validation. Every API "
+    "process applies it within a second.",
+)
+def patch_model(
+    model_id: str, body: ModelPatch, request: Request, session: SessionDep, storage: StorageDep, user: CurrentUser
+) -> ModelOut:
+    model = svc.get_owned(session, user, model_id)
+    if "threshold" not in body.model_fields_set:
+        raise ApiError(422, "nothing_to_change", 'give the setting to change, e.g. {"threshold": 0.7}')
+    svc.set_threshold(session, model, body.threshold)
+    session.commit()
+    request.app.state.predict_lookups.models.discard(model_id)
+    return model_out(model, storage)
+
+
+class MisclassifiedItem(BaseModel):
+    index: int = Field(description="its place in the model's list (the thumbnail's address)")
+    path: str = Field(description="the file, relative to the dataset's folder")
+    probability: float = Field(description="the (calibrated) probability the model gave the wrong class")
+    thumbnail_url: str
+
+
+class Confusion(BaseModel):
+    true: str
+    true_index: int
+    predicted: str
+    predicted_index: int
+    count: int = Field(description="test images of class `true` the model called `predicted`")
+    items: list[MisclassifiedItem] = Field(description="from `offset`, at most `limit`, most confident first")
+
+
+class MisclassifiedOut(BaseModel):
+    available: bool = Field(description="false for models trained before the list was recorded")
+    split: str
+    images: int = Field(description="images in the split")
+    total: int = Field(description="images the model got wrong")
+    recorded: int = Field(description="of those, how many the list keeps (the first 10,000)")
+    offset: int
+    limit: int
+    confusions: list[Confusion] = Field(description="the most frequent confusion first")
+
+
+@router.get(
+    "/{model_id}/misclassified",
+    summary="The test images the model got wrong, grouped by confusion (true -> predicted)",
+    description="`true` and `predicted` (class indices) keep one confusion-matrix cell, or one row or column. "
+    "Each group lists its images from `offset`, at most `limit`, most confident first.",
+)
+def get_misclassified(
+    model_id: str,
+    session: SessionDep,
+    storage: StorageDep,
+    user: CurrentUser,
+    true: Annotated[int | None, Query(ge=0, description="the true class's index")] = None,
+    predicted: Annotated[int | None, Query(ge=0, description="the predicted class's index")] = None,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 12,
+) -> MisclassifiedOut:
+    model = svc.get_owned(session, user, model_id)
+    gallery = svc.misclassified_gallery(storage, model, true=true, predicted=predicted, offset=offset, limit=limit)
+    return MisclassifiedOut.model_validate(gallery)
+
+
+@router.get(
+    "/{model_id}/misclassified/{index}/thumbnail",
+    response_class=Response,
+    summary="A small JPEG of one misclassified test image",
+    responses={200: {"content": {"image/jpeg": {}}}},
+)
+def get_misclassified_thumbnail(
+    model_id: str, index: int, session: SessionDep, storage: StorageDep, user: CurrentUser
+) -> Response:
+    model = svc.get_owned(session, user, model_id)
+    data = svc.misclassified_thumbnail(storage, model, index)
+    return Response(
+        data,
+        media_type="image/jpeg",
+        headers={
+            "Cache-Control": "private, max-age=86400",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Disposition": f'attachment; filename="misclassified-{model.id}-{index}.jpg"',
+        },
+    )
 
 
 # One export at a time per API process: each runs the test split through two networks on every core.

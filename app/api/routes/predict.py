@@ -11,12 +11,13 @@ same model that arrived meanwhile.
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any
+import base64
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.api import bodies
 from app.api.deps import PredictUser
@@ -29,6 +30,7 @@ from app.serving.cache import ModelCache
 from app.settings import Settings
 from app.storage import Storage
 from finetune.errors import CheckpointError, ImageError
+from finetune.explain import heatmap_png
 from finetune.predict import Predictor
 
 router = APIRouter(prefix="/models", tags=["predict"])
@@ -42,8 +44,24 @@ class LabelOut(BaseModel):
     probability: float
 
 
+class GradCamOut(BaseModel):
+    label: str = Field(description="the class explained: the top label")
+    index: int
+    width: int = Field(description="the input image's width: the heat map has its size")
+    height: int
+    png: str = Field(
+        description="base64 of an 8-bit greyscale PNG: per pixel, how much that part of the image raised the "
+        "class's score (255: the most; 0: not at all, or outside the centre crop the model sees)"
+    )
+
+
 class ImagePrediction(BaseModel):
-    labels: list[LabelOut]
+    label: str = Field(
+        description="the top label, or `unknown` when its probability is below the model's threshold "
+        "(`threshold` on the model: the owner's, else the one chosen on validation)"
+    )
+    labels: list[LabelOut] = Field(description="the `top_k` most likely labels, whatever `label` says")
+    gradcam: GradCamOut | None = Field(None, description="with `explain=gradcam`: the Grad-CAM heat map")
 
 
 class PredictOut(BaseModel):
@@ -59,10 +77,13 @@ _IMAGE_SCHEMA = {"type": "string", "format": "binary"}
     summary="Classify images",
     description="A multipart form with one or more `images` file parts, or one image as the raw body "
     "(`image/jpeg`, `image/png`, `image/webp`, `image/bmp`, `image/gif` or `application/octet-stream`). "
-    "The answer has one entry per image, in order, each with the `top_k` most likely labels "
-    "(probabilities over all classes sum to 1). A file that is not an acceptable image is refused "
+    "The answer has one entry per image, in order, each with its `label` and the `top_k` most likely labels "
+    "(calibrated probabilities: over all classes they sum to 1). `label` is `unknown` when the top probability "
+    "is below the model's threshold. `explain=gradcam` adds, per image, a Grad-CAM heat map of the input's "
+    "size for the top label (a greyscale PNG, base64). A file that is not an acceptable image is refused "
     "with 422 `bad_image` and the reason; `details.index` says which.",
     responses={429: {"description": "`rate_limited`: too many predict requests by this user (see `Retry-After`)"}},
+    response_model_exclude_none=True,
     openapi_extra={
         "requestBody": {
             "content": {
@@ -84,6 +105,10 @@ async def predict(
     request: Request,
     user: PredictUser,
     top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description="labels per image")] = 5,
+    explain: Annotated[
+        Literal["gradcam"] | None,
+        Query(description="`gradcam`: add a Grad-CAM heat map of each image for its top label (slower)"),
+    ] = None,
 ) -> PredictOut:
     state = request.app.state
     settings: Settings = state.settings
@@ -112,10 +137,26 @@ async def predict(
     arrays = [r for r in results if isinstance(r, np.ndarray)]
     probs = await loaded.probabilities(arrays)
     ranked = predictor.top_k(probs, top_k)
+    answers = predictor.answer(probs, ref.threshold)
+    heatmaps: list[GradCamOut | None] = [None] * len(arrays)
+    if explain == "gradcam":
+        for i, (image, labels) in enumerate(zip(images, ranked, strict=True)):
+            heatmaps[i] = await run_in_threadpool(_gradcam, predictor, image, labels[0].index)
     return PredictOut(
         model_id=model_id,
-        predictions=[ImagePrediction(labels=[LabelOut(**p.to_dict()) for p in labels]) for labels in ranked],
+        predictions=[
+            ImagePrediction(label=answer, labels=[LabelOut(**p.to_dict()) for p in labels], gradcam=heat)
+            for answer, labels, heat in zip(answers, ranked, heatmaps, strict=True)
+        ],
     )
+
+
+def _gradcam(predictor: Predictor, image: bodies.ReceivedImage, index: int) -> GradCamOut:
+    """Blocking (a forward and a backward pass of the eager network): run on the threadpool."""
+    heat, index = predictor.explain(image.data, index)
+    height, width = heat.shape
+    png = base64.b64encode(heatmap_png(heat)).decode()
+    return GradCamOut(label=predictor.classes[index], index=index, width=width, height=height, png=png)
 
 
 async def model_ref(lookups: PredictLookups, sessions: Any, user: Principal, model_id: str) -> ModelRef:
@@ -130,7 +171,7 @@ async def model_ref(lookups: PredictLookups, sessions: Any, user: Principal, mod
                 row = session.get(Model, model_id) if "\x00" not in model_id else None
                 if row is None:
                     raise NotFound("model", model_id)
-                return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision)
+                return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision, row.threshold)
 
         ref = await run_in_threadpool(read)
         lookups.models.put(model_id, ref)

@@ -23,7 +23,10 @@ class WorkerOut(BaseModel):
         description="lost: its lease lapsed without a goodbye (killed, crashed, cut off); its jobs are taken back"
     )
     slots: int = Field(description="jobs it runs at once")
-    devices: list[str] = Field(description="GPU ids its jobs are pinned to (empty: CPU)")
+    devices: list[str] = Field(
+        description="GPU ids its jobs are pinned to; on a host without GPUs cpu:0..cpu:N-1, the processes one job "
+        "may use there (FINETUNE_CPU_DEVICES). A job asks for at most this many devices"
+    )
     weights: list[str] = Field(description="architectures whose ImageNet weights it holds")
     jobs: list[str] = Field(description="ids of the jobs it runs now")
     started_at: UtcDateTime

@@ -1,7 +1,7 @@
 """job run choices
 
-Revision ID: c4d5e6f7a8b9
-Revises: b3c1d2e4f5a6
+Revision ID: d6e7f8a9b0c1
+Revises: c4d5e6f7a8b9
 Create Date: 2026-12-01 14:00:00.000000
 """
 
@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = 'c4d5e6f7a8b9'
-down_revision: str | None = 'b3c1d2e4f5a6'
+revision: str = 'd6e7f8a9b0c1'
+down_revision: str | None = 'c4d5e6f7a8b9'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
