@@ -1,4 +1,4 @@
-"""``python -m bench [all|full|frozen|pipeline|service|serving] [--quick] [--data FOLDER]``
+"""``python -m bench [all|full|frozen|pipeline|service|serving|quality] [--quick] [--data FOLDER]``
 
 Writes ``bench/out/results.json`` and ``bench/RESULTS.md``. ``--data`` points the training and pipeline
 benchmarks at your own ImageFolder-style folder (``train/<class>/...``, ``val/<class>/...``).
@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "which", nargs="?", default="all", choices=("all", "full", "frozen", "pipeline", "service", "serving")
+        "which",
+        nargs="?",
+        default="all",
+        choices=("all", "full", "frozen", "pipeline", "service", "serving", "quality"),
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, not the speed")
     parser.add_argument("--data", type=Path, help="your own train/ val/ image folder instead of generated images")
@@ -39,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         "--no-torchserve", action="store_true", help="serving: leave TorchServe out (it needs Java and a pip install)"
     )
     parser.add_argument("--duration", type=float, help="serving: seconds per load cell (default 10, quick 2)")
+    parser.add_argument("--only", choices=("digits", "shapes"), help="quality: one dataset only")
+    parser.add_argument(
+        "--resnet18", action="store_true", help="quality: resnet18 from random initialisation too (slow on a CPU)"
+    )
     args = parser.parse_args(argv)
 
     quick = args.quick
@@ -107,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
             archs=("resnet18",) if quick else ("resnet18", "googlenet"),
             log=log,
         )
+    if which == "quality":  # accuracy, not speed: its own section of RESULTS.md, the rest left as it is
+        from bench.quality import quality
+        from bench.report import write_quality_section
+
+        done = results.get("quality", {}).get("datasets", {}) if args.only else {}
+        results["quality"] = quality(work, quick=quick, log=log, only=args.only, resnet18=args.resnet18)
+        results["quality"]["datasets"] = {**done, **results["quality"]["datasets"]}  # --only keeps the other
+        results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        target = args.out / "RESULTS.quick.md" if quick else ROOT / "bench" / "RESULTS.md"
+        results_path.write_text(json.dumps(results, indent=2, default=str))
+        log(f"wrote {results_path} and {write_quality_section(results, target)}")
+        return 0
     results["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     results.setdefault("seconds", {})[which] = time.perf_counter() - started
     results["quick"] = quick

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from .config import TrainConfig
+from .config import TrainConfig, parse_rate
 from .errors import Cancelled, InputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
@@ -83,14 +83,15 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         if base == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            kind = {"int": int, "float": float}.get(base, str)
+            kinds: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "float | str": parse_rate}
+            kind = kinds.get(base, str)
             p.add_argument(
                 flag,
                 type=kind,
                 default=default,
                 choices=meta.get("choices"),
                 help=f"{help_text} (default: {default})",
-                metavar=None if meta.get("choices") else base.upper(),
+                metavar=None if meta.get("choices") else ("RATE" if base == "float | str" else base.upper()),
             )
 
 
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=fields["strategy"].metadata["choices"],
         help=fields["strategy"].metadata["help"],
     )
-    t.add_argument("--epochs", type=int, default=10, help=fields["epochs"].metadata["help"] + " (default: 10)")
+    t.add_argument("--epochs", type=int, default=None, help=fields["epochs"].metadata["help"])
     _add_config_options(t)
     t.add_argument("--json", action="store_true", help="print events and the result as JSON lines")
 
@@ -328,6 +329,18 @@ def _train_printer(out: Output) -> Callable[[Any], None]:
             )
         elif kind == "early_stopped":
             out.line(f"early stopping at epoch {event.epoch} (best epoch {event.best_epoch} by {event.monitor})")
+        elif kind == "defaults_chosen":
+            for choice in event.choices:
+                out.line(f"- {choice['reason']}")
+        elif kind == "lr_found":
+            out.line(f"- learning rate {event.lr:.3g} ({event.method}, {len(event.lrs)} steps)")
+        elif kind == "budget_planned":
+            out.line(
+                f"- budget {_duration(event.budget_seconds)}: {event.reason}; "
+                f"{event.train_images_per_sec:.0f} img/s training, eta {_duration(event.estimated_seconds)}"
+            )
+        elif kind == "budget_reached":
+            out.line(f"budget reached after epoch {event.epoch} ({_duration(event.elapsed)}): stopping")
 
     return on_event
 

@@ -19,6 +19,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULES = ("cosine", "step", "onecycle", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("val_acc", "val_loss")
+DEFAULT_EPOCHS = 10
 
 
 def _f(
@@ -54,17 +55,28 @@ class TrainConfig:
         "auto: two-stage with pretrained weights, full without",
         choices=STRATEGIES,
     )
-    epochs: int = _f(10, "epochs (for two-stage: epochs after unfreezing)", min=1, max=1000)
+    epochs: int | None = _f(
+        None,
+        "epochs (for two-stage: epochs after unfreezing; default: 10 with pretrained weights; from random "
+        "initialisation, enough for about 2,000 optimizer steps, 10 to 30 epochs)",
+        min=1,
+        max=1000,
+    )
     head_epochs: int = _f(10, "two-stage: epochs of head training on cached features first", min=1, max=1000)
     batch_size: int = _f(32, "images per optimizer step", min=1, max=4096)
     image_size: int | None = _f(
-        None, "crop size in pixels (default: the architecture's, 224; lenet 32)", min=16, max=1024
+        None,
+        "crop size in pixels (default: the architecture's, 224 (lenet 32), with pretrained weights; from random "
+        "initialisation, near the images' median size: never more than 2x it nor more than the architecture's)",
+        min=16,
+        max=1024,
     )
     optimizer: str = _f("adamw", "optimizer", choices=OPTIMIZERS)
-    lr: float | None = _f(
+    lr: float | str | None = _f(
         None,
         "learning rate of the new head (default: 1e-3 for adam/adamw/rmsprop, 1e-2 for sgd; 10x that when "
-        "the head trains alone on cached features: frozen, and two-stage's first stage)",
+        "the head trains alone on cached features: frozen, and two-stage's first stage); auto: a range test "
+        "on the training images before the run picks it",
         min=1e-7,
         max=10.0,
     )
@@ -83,11 +95,32 @@ class TrainConfig:
     warmup_epochs: float = _f(1.0, "cosine: linear warmup length in epochs", min=0.0, max=100.0)
     step_size: int = _f(7, "step: epochs between decays", min=1, max=1000)
     gamma: float = _f(0.1, "step: decay factor", min=0.0, max=1.0)
-    label_smoothing: float = _f(0.1, "label smoothing", min=0.0, max=0.5)
+    label_smoothing: float | None = _f(
+        None,
+        "label smoothing (default: 0.1 with pretrained weights and at least 100 images per class, else 0)",
+        min=0.0,
+        max=0.5,
+    )
     early_stopping: int = _f(0, "stop after this many epochs without improvement (0: off)", min=0, max=1000)
     monitor: str = _f("val_acc", "validation metric for best checkpoint and early stopping", choices=MONITORS)
-    crop_scale_min: float = _f(0.25, "random resized crop: smallest crop area fraction", min=0.01, max=1.0)
-    hflip: bool = _f(True, "random horizontal flips")
+    crop_scale_min: float | None = _f(
+        None,
+        "random resized crop: smallest crop area fraction (default: 0.25 with pretrained weights; from random "
+        "initialisation, by image size and images per class: mild, 0.6-0.85, for small images)",
+        min=0.01,
+        max=1.0,
+    )
+    hflip: bool | None = _f(
+        None, "random horizontal flips (default: on, except from random initialisation on images under 64 px)"
+    )
+    budget_minutes: float | None = _f(
+        None,
+        "time budget of the whole run in minutes: a throughput probe on the run's device picks the epochs "
+        "(at most epochs; and a smaller image size when the run chose it and fewer than 5 epochs fit) so it "
+        "ends within it, and training stops early, evaluated and saved, if it would not",
+        min=0.05,
+        max=100000.0,
+    )
     val_fraction: float = _f(0.1, "validation share when the folder has no split", min=0.01, max=0.5)
     test_fraction: float = _f(0.1, "test share when the folder has no split (0: no test set)", min=0.0, max=0.5)
     seed: int = _f(0, "random seed (split, initialisation, order, augmentation)", min=0, max=2**31 - 1)
@@ -164,6 +197,11 @@ class TrainConfig:
                 )
             if self.device.startswith("cuda:"):
                 problems.append("devices > 1 takes one card per process: use device auto or cuda, not cuda:N")
+            # Each rank would run its own range test or throughput probe and could decide differently.
+            if self.lr == "auto":
+                problems.append("lr auto runs its range test on one device: give a number with devices > 1")
+            if self.budget_minutes is not None:
+                problems.append("budget_minutes plans the run on one device: leave it out with devices > 1")
         if self.image_size is not None:
             from .models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT
 
@@ -183,9 +221,15 @@ class TrainConfig:
             return self.strategy
         return "two-stage" if self.pretrained else "full"
 
+    def resolved_epochs(self) -> int:
+        """The epochs of the run (``finetune.defaults`` chooses them from the data when left open)."""
+        return self.epochs if self.epochs is not None else DEFAULT_EPOCHS
+
     def resolved_lr(self) -> float:
-        if self.lr is not None:
-            return self.lr
+        if isinstance(self.lr, int | float):
+            return float(self.lr)
+        if self.lr == "auto":
+            raise ValueError("lr is auto: the range test (finetune.lrfind) sets it before training")
         return 1e-2 if self.optimizer == "sgd" else 1e-3
 
     def resolved_head_lr(self) -> float:
@@ -193,8 +237,8 @@ class TrainConfig:
         higher rate than a network being fine-tuned: at 1e-3 (AdamW), 10 epochs left a resnet18 head
         under-trained (0.65 val accuracy in bench's frozen benchmark against 0.71 at 1e-2, and 0.69 for the
         tutorial's fixed-feature extractor, which takes 8x as many optimizer steps at batch 4)."""
-        if self.lr is not None:
-            return self.lr
+        if isinstance(self.lr, int | float):
+            return float(self.lr)
         return 10 * self.resolved_lr()
 
     def resolved_backbone_lr_mult(self) -> float:
@@ -219,6 +263,10 @@ class TrainConfig:
 
 def _type_problem(name: str, declared: str, value: Any) -> str | None:
     base = declared.replace(" | None", "")
+    if base == "float | str":  # a number, or "auto"
+        if value == "auto":
+            return None
+        base = "float"
     if base == "bool":
         ok = isinstance(value, bool)
     elif base == "int":
@@ -230,6 +278,16 @@ def _type_problem(name: str, declared: str, value: Any) -> str | None:
     return None if ok else f"{name} must be of type {base}; got {value!r}"
 
 
+def parse_rate(text: str) -> float | str:
+    """A learning rate as the CLI takes it: a number, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number nor auto: {text!r}") from None
+
+
 def hyperparameters() -> list[dict[str, Any]]:
     """Field name, type, default, range, choices and help for every tunable setting (for forms and docs)."""
     out = []
@@ -239,7 +297,8 @@ def hyperparameters() -> list[dict[str, Any]]:
         out.append(
             {
                 "name": f.name,
-                "type": str(f.type).replace(" | None", ""),
+                # "rate": a number or "auto"
+                "type": str(f.type).replace(" | None", "").replace("float | str", "rate"),
                 "optional": "None" in str(f.type),
                 "default": f.default,
                 "min": f.metadata.get("min"),

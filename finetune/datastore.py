@@ -171,6 +171,14 @@ class StoredDataset:
     splits: dict[str, StoredImages]
     store: PixelStore
     pin: Pin
+    tier: int
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def reclaim(self, tier: int) -> None:
+        """Read the splits at another tier (a run whose image size was chosen once the sizes were known).
+        Images no larger than both tiers are the same stored copy; larger ones are decoded again at it."""
+        self.splits = claim_splits(self.store, self.pin, self.dataset, tier, max_pixels=self.max_pixels)
+        self.tier = tier
 
     def close(self) -> None:
         try:
@@ -205,19 +213,25 @@ def load_into_store(
         with store.writer(pin=pin) as writer:
             fill = StoreFill(store, tier, writer, strict=True, max_pixels=options.max_pixels)
             dataset = load_dataset(source, options=options, store=fill, extract_dir=extract_dir, progress=progress)
-        rows = {name: [(s.path, s.sha256, s.width, s.height, s.label) for s in dataset.split(name)] for name in SPLITS}
-        needed = sum(_stored_bytes(w, h, tier) for split in rows.values() for _, _, w, h, _ in split)
-        if needed > store.max_bytes:
-            raise StoreFullError(over_budget_message(store, needed, tier))
-        splits = {
-            name: claim_images(store, pin, tier, dataset.root, split, max_pixels=options.max_pixels)
-            for name, split in rows.items()
-        }
+        splits = claim_splits(store, pin, dataset, tier, max_pixels=options.max_pixels)
     except BaseException:
         pin.release()
         store.close()
         raise
-    return StoredDataset(dataset, splits, store, pin)
+    return StoredDataset(dataset, splits, store, pin, tier, options.max_pixels)
+
+
+def claim_splits(
+    store: PixelStore, pin: Pin, dataset: Dataset, tier: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> dict[str, StoredImages]:
+    """Every split of ``dataset`` claimed at ``tier`` (``StoreFullError`` when they cannot fit the store)."""
+    rows = {name: [(s.path, s.sha256, s.width, s.height, s.label) for s in dataset.split(name)] for name in SPLITS}
+    needed = sum(_stored_bytes(w, h, tier) for split in rows.values() for _, _, w, h, _ in split)
+    if needed > store.max_bytes:
+        raise StoreFullError(over_budget_message(store, needed, tier))
+    return {
+        name: claim_images(store, pin, tier, dataset.root, split, max_pixels=max_pixels) for name, split in rows.items()
+    }
 
 
 def _stored_bytes(width: int, height: int, tier: int) -> int:

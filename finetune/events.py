@@ -39,6 +39,49 @@ class RunStarted(Event):
 
 
 @dataclass
+class DefaultsChosen(Event):
+    """The settings the run chose itself, from the dataset and the weights: [{setting, value, reason}]."""
+
+    choices: list[dict[str, Any]]
+    kind: str = field(init=False, default="defaults_chosen")
+
+
+@dataclass
+class LrFound(Event):
+    """``lr: auto``: the range test's curve (rates and smoothed losses) and the rate it chose."""
+
+    lr: float
+    method: str
+    lrs: list[float]
+    losses: list[float]
+    kind: str = field(init=False, default="lr_found")
+
+
+@dataclass
+class BudgetPlanned(Event):
+    """``budget_minutes``: what the throughput probe measured and the epochs it planned."""
+
+    budget_seconds: float
+    epochs: int
+    train_images_per_sec: float
+    eval_images_per_sec: float
+    estimated_seconds: float  # the whole run, from its start, as planned
+    reason: str
+    eta: float | None = None  # seconds left as planned, from now
+    kind: str = field(init=False, default="budget_planned")
+
+
+@dataclass
+class BudgetReached(Event):
+    """Training stopped before its planned end so the run ends within its budget (evaluated and saved)."""
+
+    epoch: int
+    elapsed: float
+    budget_seconds: float
+    kind: str = field(init=False, default="budget_reached")
+
+
+@dataclass
 class StageStarted(Event):
     stage: str  # "features" | "head" | "finetune"
     description: str

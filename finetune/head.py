@@ -122,7 +122,7 @@ class HeadTrainer:
             check_stop()
             xb, yb = self.x_train[idx], self.y_train[idx]
             logits = self.head(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=c.label_smoothing)
+            loss = F.cross_entropy(logits, yb, label_smoothing=c.label_smoothing or 0.0)
             self.optim.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optim.optimizer.step()

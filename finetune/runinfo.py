@@ -59,10 +59,14 @@ class RunInfo:
         meta: dict[str, Any],
         dataset: Dataset,
         monitor: str,
+        extras: dict[str, Any] | None = None,
         training: dict[str, Any] | None = None,
     ) -> None:
         self.run_dir = run_dir
         self.meta = meta
+        # Facts of the run's start that only run.json keeps (not every checkpoint): the defaults chosen with
+        # their reasons, the learning-rate range test's curve, the budget's plan.
+        self.extras = extras or {}
         self.dataset = dataset
         self.monitor = monitor
         self.training = training or {}  # devices, batch per device and per step, learning rate
@@ -74,6 +78,7 @@ class RunInfo:
         previous = read_json(path) if path.exists() else {}
         info = {
             **previous,
+            **self.extras,
             **self.meta,
             "status": status,
             "history": state.history,

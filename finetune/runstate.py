@@ -35,11 +35,11 @@ class Stage:
 def plan_stages(config: TrainConfig) -> list[Stage]:
     strategy = config.resolved_strategy()
     if strategy == "frozen":
-        return [Stage("head", 1, config.epochs)]
+        return [Stage("head", 1, config.resolved_epochs())]
     if strategy == "full":
-        return [Stage("finetune", 1, config.epochs)]
+        return [Stage("finetune", 1, config.resolved_epochs())]
     head = Stage("head", 1, config.head_epochs)
-    return [head, Stage("finetune", head.last_epoch + 1, config.epochs, discriminative=True)]
+    return [head, Stage("finetune", head.last_epoch + 1, config.resolved_epochs(), discriminative=True)]
 
 
 @dataclass

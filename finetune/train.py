@@ -18,7 +18,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .budget import MIN_BUDGET_EPOCHS, BudgetGuard, BudgetPlan, Throughput, plan_epochs, probe, smaller_size
 from .calibration import calibrate, calibrated
 from .checkpoint import (
     RUN_FILE,
@@ -41,14 +42,19 @@ from .checkpoint import (
 from .config import TrainConfig
 from .dataset import Dataset, DatasetOptions, read_split_file
 from .datastore import StoredDataset, load_into_store
+from .defaults import Choice, DataFacts, apply_defaults, provisional_image_size
 from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
 from .evaluate import metrics_from_logits, misclassified, predict_logits, validation_metrics
 from .events import (
     BatchEnd,
+    BudgetPlanned,
+    BudgetReached,
     Callback,
     CheckpointSaved,
+    DefaultsChosen,
     EarlyStopped,
     EpochEnd,
+    LrFound,
     OutOfMemoryRetry,
     Progress,
     RunFinished,
@@ -57,8 +63,11 @@ from .events import (
 )
 from .head import HeadTrainer, backbone_features
 from .loader import StoredImages, TrainAugment, batches, shard_batches
+from .lrfind import find_lr
 from .models import (
     AUX_LOSS_WEIGHT,
+    MIN_IMAGE_SIZE,
+    MIN_IMAGE_SIZE_DEFAULT,
     BuiltModel,
     Preprocessing,
     build_model,
@@ -127,14 +136,16 @@ def _run(config: TrainConfig, rt: Runtime, resume_from: Checkpoint | None) -> Ru
         check_weights(config)
         run_dir = Path(config.out)
         run_dir.mkdir(parents=True, exist_ok=True)
-        data = load_data_ranked(config, rt)
+        config, data, choices = load_data_ranked(config, rt)
         try:
             built = load_model(config, data.dataset.num_classes)
             # Written only once the model is built: a run that fails before leaves its folder empty, so the
             # same command can simply be run again (train refuses a non-empty folder).
             if rt.dist.is_main:
                 atomic_write_json(run_dir / "dataset.json", run_dataset_report(data.dataset, run_dir))
-            run = _Run(config, rt, data, built)
+            extras: dict[str, Any] = {"defaults": [c.to_dict() for c in choices]} if resume_from is None else {}
+            config, plan = plan_run(config, rt, data, built, extras, fresh=resume_from is None)
+            run = _Run(config, rt, data, built, extras, plan)
             if resume_from is not None:
                 run.restore(resume_from)
             return run.execute()
@@ -144,17 +155,18 @@ def _run(config: TrainConfig, rt: Runtime, resume_from: Checkpoint | None) -> Ru
         rt.dist.close()
 
 
-def load_data_ranked(config: TrainConfig, rt: Runtime) -> RunData:
+def load_data_ranked(config: TrainConfig, rt: Runtime) -> tuple[TrainConfig, RunData, list[Choice]]:
     """``load_data`` on rank 0 first (it checks and stores the images), then on the other ranks, which find
-    them stored; rank 0 waits for them so that no rank starts training before every rank holds its data."""
+    them stored; rank 0 waits for them so that no rank starts training before every rank holds its data.
+    The defaults chosen from the data are the same on every rank: they depend on the data alone."""
     if not rt.dist.enabled:
         return load_data(config, rt.emit)
-    data = load_data(config, rt.emit) if rt.dist.is_main else None
+    loaded = load_data(config, rt.emit) if rt.dist.is_main else None
     rt.dist.wait_for_main()
-    if data is None:
-        data = load_data(config, rt.emit)
+    if loaded is None:
+        loaded = load_data(config, rt.emit)
     rt.dist.wait_for_main()
-    return data
+    return loaded
 
 
 # -- before the first epoch ----------------------------------------------------------------------------
@@ -179,15 +191,24 @@ class RunData:
     val_images: StoredImages
     test_images: StoredImages
 
+    def use_preprocessing(self, prep: Preprocessing) -> None:
+        """Read the images for another preprocessing (the budget chose a smaller image size)."""
+        if prep.tier != self.stored.tier:
+            self.stored.reclaim(prep.tier)
+        self.prep = prep
+        splits = self.stored.splits
+        self.train_images, self.val_images, self.test_images = splits["train"], splits["val"], splits["test"]
+
     def close(self) -> None:
         self.stored.close()
 
 
-def load_data(config: TrainConfig, emit: Callback) -> RunData:
+def load_data(config: TrainConfig, emit: Callback) -> tuple[TrainConfig, RunData, list[Choice]]:
     """All of a run's data loading: check every image, store its pixels (decoded once, at the tier this run
-    reads), split, and pin each split in the pixel store."""
+    reads), split, and pin each split in the pixel store. The settings left open that depend on the images
+    (``finetune.defaults``) are chosen once their sizes are known: returns the config with them set."""
     c = config
-    prep = preprocessing_for(c.model, c.weights, c.image_size)
+    prep = preprocessing_for(c.model, c.weights, provisional_image_size(c))
     emit(StageStarted("data", f"checking images and storing pixels at {prep.tier}px"))
     stored = load_into_store(
         c.data,
@@ -203,11 +224,111 @@ def load_data(config: TrainConfig, emit: Callback) -> RunData:
         progress=lambda done, total: emit(Progress("data", done, total)),
         max_bytes=c.cache_max_bytes,
     )
+    try:
+        c, choices = apply_defaults(c, DataFacts.from_report(stored.dataset.report(include_files=False)))
+        if choices:
+            emit(DefaultsChosen([choice.to_dict() for choice in choices]))
+        prep = preprocessing_for(c.model, c.weights, c.image_size)
+        if prep.tier != stored.tier:
+            stored.reclaim(prep.tier)
+    except BaseException:
+        stored.close()
+        raise
     splits = stored.splits
     if len(splits["val"]) == 0:
         stored.close()
         raise ConfigError(["the dataset has no validation images"])
-    return RunData(stored.dataset, prep, stored, splits["train"], splits["val"], splits["test"])
+    return c, RunData(stored.dataset, prep, stored, splits["train"], splits["val"], splits["test"]), choices
+
+
+def plan_run(
+    config: TrainConfig, rt: Runtime, data: RunData, built: BuiltModel, extras: dict[str, Any], *, fresh: bool
+) -> tuple[TrainConfig, BudgetPlan | None]:
+    """Before the first epoch: ``lr: auto``'s range test, and ``budget_minutes``' throughput probe and plan
+    (a resumed run keeps its rate and epochs, and probes again only for its guard)."""
+    model = built.model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.lr == "auto":
+        rt.emit(StageStarted("lr_find", "finding the learning rate (range test)"))
+        curve = find_lr(model, config, data.train_images, data.prep, rt)
+        rt.emit(LrFound(curve.lr, curve.method, curve.lrs, curve.losses))
+        extras["lr_finder"] = curve.to_dict()
+        config = replace(config, lr=curve.lr)
+    if config.budget_minutes is None:
+        return config, None
+    tp = probe(model, data.train_images, data.val_images, data.prep, config.batch_size, rt)
+    budget = config.budget_minutes * 60
+    if not fresh:
+        return config, BudgetPlan(
+            budget, config.resolved_epochs(), tp, budget, "resumed: the epochs planned at the start"
+        )
+    plan = _budget_plan(config, rt, data, tp)
+    config, smaller = _shrink_for_budget(config, rt, data, built, plan, extras)
+    if smaller:
+        tp = probe(model, data.train_images, data.val_images, data.prep, config.batch_size, rt)
+        plan = _budget_plan(config, rt, data, tp)
+    rt.emit(
+        BudgetPlanned(
+            budget,
+            plan.epochs,
+            tp.train_images_per_sec,
+            tp.eval_images_per_sec,
+            plan.estimated_seconds,
+            plan.reason,
+            eta=max(0.0, plan.estimated_seconds - (time.perf_counter() - rt.started)),
+        )
+    )
+    extras["budget"] = {
+        "budget_seconds": budget,
+        "epochs": plan.epochs,
+        "train_images_per_sec": tp.train_images_per_sec,
+        "eval_images_per_sec": tp.eval_images_per_sec,
+        "estimated_seconds": plan.estimated_seconds,
+        "reason": plan.reason,
+    }
+    return replace(config, epochs=plan.epochs), plan
+
+
+def _budget_plan(config: TrainConfig, rt: Runtime, data: RunData, tp: Throughput) -> BudgetPlan:
+    elapsed = time.perf_counter() - rt.started
+    if config.resolved_strategy() != "full":  # the head stage first extracts features: one pass over all
+        elapsed += len(data.dataset.samples) / tp.eval_images_per_sec
+    return plan_epochs(
+        config.budget_minutes * 60 if config.budget_minutes else 0.0,
+        elapsed,
+        tp,
+        len(data.train_images),
+        len(data.val_images),
+        len(data.test_images),
+        config.resolved_epochs(),
+    )
+
+
+def _shrink_for_budget(
+    config: TrainConfig, rt: Runtime, data: RunData, built: BuiltModel, plan: BudgetPlan, extras: dict[str, Any]
+) -> tuple[TrainConfig, bool]:
+    """When the run chose its image size itself and too few epochs fit the budget at it, a smaller size
+    (``budget.smaller_size``): the pixels are read at its tier and the choice's reason says why."""
+    size_choice = next((c for c in extras.get("defaults", []) if c["setting"] == "image_size"), None)
+    if size_choice is None or config.image_size is None:
+        return config, False
+    want = min(config.resolved_epochs(), MIN_BUDGET_EPOCHS)
+    smallest = MIN_IMAGE_SIZE.get(config.model, MIN_IMAGE_SIZE_DEFAULT)
+    new = smaller_size(config.image_size, smallest, plan, want)
+    if new is None or new == config.image_size:
+        return config, False
+    budget = f"{config.budget_minutes:g} min"
+    size_choice["value"] = new
+    size_choice["reason"] = (
+        f"image size {new}: at {config.image_size} px only {plan.fit} epochs fit the time budget of {budget} "
+        f"({size_choice['reason']})"
+    )
+    config = replace(config, image_size=new)
+    data.use_preprocessing(preprocessing_for(config.model, config.weights, new))
+    built.preprocessing = data.prep
+    rt.emit(DefaultsChosen(list(extras["defaults"])))
+    return config, True
 
 
 def run_dataset_report(dataset: Dataset, run_dir: Path) -> dict[str, Any]:
@@ -274,6 +395,8 @@ def train_one_epoch(run: _Run, optim: Optim, augment: TrainAugment, stage: Stage
     totals = EpochTotals()
     for b, (x, y) in enumerate(augment.batches(run.data.train_images, order, gen, (dist.rank, dist.world)), 1):
         run.rt.check_stop_together()
+        if run.guard is not None and totals.seen > 0 and run.guard.stop_before_batch():
+            break  # the budget: this epoch ends here, validated and saved (one device only: see TrainConfig)
         loss, correct = run.train_step(optim, x, y, epoch, global_batch=len(order[b - 1]))
         optim.scheduler.step()
         totals.add(loss, correct, len(y))
@@ -345,7 +468,7 @@ class TrainStep:
                 self.state.micro_batch = new
 
     def _accumulate(self, optim: Optim, x: torch.Tensor, y: torch.Tensor, global_batch: int) -> tuple[float, int]:
-        smoothing, micro = self.config.label_smoothing, self.state.micro_batch
+        smoothing, micro = self.config.label_smoothing or 0.0, self.state.micro_batch
         optim.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
         correct = 0
@@ -445,7 +568,15 @@ class _Progress:
 class _Run:
     """One run: its data, model and state, and the stages it goes through."""
 
-    def __init__(self, config: TrainConfig, rt: Runtime, data: RunData, built: BuiltModel) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        rt: Runtime,
+        data: RunData,
+        built: BuiltModel,
+        extras: dict[str, Any] | None = None,
+        plan: BudgetPlan | None = None,
+    ) -> None:
         self.config = config
         self.rt = rt
         self.data = data
@@ -468,7 +599,19 @@ class _Run:
             model_meta(config, data.dataset, data.prep, built),
             data.dataset,
             config.monitor,
+            extras=extras or {},
             training=training_facts(config, rt),
+        )
+        self.guard = (
+            BudgetGuard(
+                rt.started + plan.budget_seconds,
+                plan.throughput,
+                len(data.val_images),
+                len(data.test_images),
+                config.batch_size,
+            )
+            if plan is not None
+            else None
         )
         self.resumed_train_state: dict[str, Any] = {}  # optimizer state for a stage resumed half-way
 
@@ -512,8 +655,12 @@ class _Run:
         )
         try:
             for stage in self.stages:
-                if stage.name not in self.state.finished_stages:
-                    self.run_stage(stage)
+                if stage.name in self.state.finished_stages:
+                    continue
+                if self.budget_reached():
+                    self.state.finish(stage)  # the budget is spent: no stage begins after it
+                    continue
+                self.run_stage(stage)
         except Cancelled:
             if self.rt.dist.is_main:
                 self.info.write(self.state, status="cancelled")
@@ -533,6 +680,18 @@ class _Run:
             RunFinished(str(self.run_dir), tracker.best_epoch, best, c.monitor, evaluation, self.progress.elapsed)
         )
         return RunResult(self.run_dir, tracker.best_epoch, best, c.monitor, evaluation, self.state.history)
+
+    def budget_reached(self) -> bool:
+        """Whether the budget leaves no room for another epoch (checked between epochs and stages, once an
+        epoch was recorded: a run always trains at least one batch)."""
+        return self.guard is not None and bool(self.state.history) and self.guard.stop_before_batch()
+
+    def stop_for_budget(self, stage: Stage) -> None:
+        assert self.guard is not None
+        if stage.name not in self.state.finished_stages:
+            self.state.finish(stage)
+        budget = self.guard.deadline - self.rt.started
+        self.rt.emit(BudgetReached(self.state.last_epoch, time.perf_counter() - self.rt.started, budget))
 
     def run_stage(self, stage: Stage) -> None:
         tracker = self.state.tracker
@@ -563,6 +722,9 @@ class _Run:
         head = HeadTrainer(head_module(self.model, c.model), features, labels, c, stage.epochs, self.rt.device)
         best_head: dict[str, torch.Tensor] | None = None
         for epoch in self.state.epochs_to_run(stage):
+            if self.budget_reached():
+                self.stop_for_budget(stage)
+                break
             t0 = time.perf_counter()
             loss_sum, correct, seen = head.train_one_epoch(epoch, self.rt.check_stop)
             train_time = time.perf_counter() - t0
@@ -607,15 +769,23 @@ class _Run:
         if self.state.next_epoch > stage.first_epoch:  # resumed half-way through this stage
             optim.load_state_dict(self.resumed_train_state)
         augment = TrainAugment(
-            self.data.prep, rt.device, rt.channels_last, scale=(c.crop_scale_min, 1.0), hflip=c.hflip
+            self.data.prep,
+            rt.device,
+            rt.channels_last,
+            scale=(c.crop_scale_min if c.crop_scale_min is not None else 0.25, 1.0),
+            hflip=c.hflip is not False,
         )
         for epoch in self.state.epochs_to_run(stage):
+            if self.budget_reached():
+                self.stop_for_budget(stage)
+                break
             t0 = time.perf_counter()
             totals = train_one_epoch(self, optim, augment, stage, epoch)
             train_time = time.perf_counter() - t0
             metrics = {**totals.metrics(), **validation_metrics(*evaluate(self.model, self.data.val_images, self))}
             self.end_epoch(stage, epoch, metrics, optim.lr, totals.seen, train_time, time.perf_counter() - t0)
-            if self.state.stage_done(stage):
+            cut_short = self.guard is not None and self.guard.reached
+            if self.state.stage_done(stage) or cut_short:
                 self.state.finish(stage)
             train_state = {
                 "stage": "finetune",
@@ -624,6 +794,9 @@ class _Run:
                 "rng": rt.rng_state(),
             }
             self.save(epoch, "finetune", train_state=train_state)
+            if cut_short:
+                self.stop_for_budget(stage)
+                break
             if self.state.tracker.should_stop:
                 break
 

@@ -197,6 +197,9 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))
     data_split: Mapped[dict[str, Any] | None] = mapped_column()  # the split the run trains on (counts, source)
+    # What the run decided itself: {"defaults": [{setting, value, reason}], "lr_finder": {lr, method, lrs,
+    # losses}, "budget": {epochs, estimated_seconds, reason, ...}}, as the engine reported it.
+    run_choices: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()

@@ -75,6 +75,7 @@ class JobReporter:
         self.job_id = job_id
         self.attempt = attempt
         self.total_epochs = 1
+        self.choices: dict[str, Any] = {}
         self._last_progress = 0.0
         self._last_cancel_check = 0.0
         self._stop = False
@@ -188,6 +189,34 @@ class JobReporter:
 
     def on_oom_retry(self, e: Any) -> None:
         self._update(message=f"CUDA out of memory: now {e.accumulation_steps} micro-batches of {e.new_micro_batch}")
+
+    def _record_choice(self, key: str, value: Any) -> None:
+        """One part of what the run decided itself (``jobs.run_choices``); the parts arrive one event each."""
+        self.choices[key] = value
+        self._update(run_choices=dict(self.choices))
+
+    def on_defaults_chosen(self, e: Any) -> None:
+        self._record_choice("defaults", e.choices)
+
+    def on_lr_found(self, e: Any) -> None:
+        self._record_choice("lr_finder", {"lr": e.lr, "method": e.method, "lrs": e.lrs, "losses": e.losses})
+        self._update(message=f"learning rate {e.lr:.3g} chosen by the range test")
+
+    def on_budget_planned(self, e: Any) -> None:
+        plan = {
+            "budget_seconds": e.budget_seconds,
+            "epochs": e.epochs,
+            "train_images_per_sec": e.train_images_per_sec,
+            "eval_images_per_sec": e.eval_images_per_sec,
+            "estimated_seconds": e.estimated_seconds,
+            "reason": e.reason,
+        }
+        self._record_choice("budget", plan)
+        eta = e.eta if e.eta is not None else e.estimated_seconds
+        self._update(eta_seconds=eta, message=e.reason[:300])
+
+    def on_budget_reached(self, e: Any) -> None:
+        self._update(message=f"time budget reached after epoch {e.epoch}: evaluating")
 
     def on_early_stopped(self, e: Any) -> None:
         self._update(message=f"early stopping at epoch {e.epoch}; best epoch {e.best_epoch}")

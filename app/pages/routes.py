@@ -55,6 +55,7 @@ PAGE_HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosni
 # The settings shown on the new-job form; every other tunable setting goes under "Advanced".
 MAIN_SETTINGS = (
     "epochs",
+    "budget_minutes",
     "head_epochs",
     "batch_size",
     "devices",
@@ -86,6 +87,7 @@ FIELD_LABELS = {
     "backbone_lr_mult": "Backbone LR multiplier",
     "hflip": "Horizontal flips",
     "crop_scale_min": "Min crop scale",
+    "budget_minutes": "Time budget (minutes)",
     "val_fraction": "Validation fraction",
     "channels_last": "Channels-last layout",
     "compile": "torch.compile",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model, model_validator
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -47,9 +47,23 @@ def _hyperparameter_fields() -> dict[str, Any]:
         constraints = {}
         if meta.get("min") is not None and base in ("int", "float"):
             constraints = {"ge": meta["min"], "le": meta["max"]}
+        if base == "float | str":  # a rate or "auto" (the engine's range test picks it): one error, at the field
+            py, constraints = _rate_type(meta["min"], meta["max"]), {}
         annotation = py | None if "None" in str(f.type) else py
         fields[f.name] = (annotation, Field(f.default, description=meta.get("help"), **constraints))
     return fields
+
+
+def _rate_type(lo: float, hi: float) -> Any:
+    def check(value: Any) -> float | str:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ValueError(f"must be a number between {lo:g} and {hi:g}, or auto; got {value!r}")
+        return float(value)
+
+    schema = {"anyOf": [{"type": "number", "minimum": lo, "maximum": hi}, {"const": "auto"}]}
+    return Annotated[float | str, PlainValidator(check), WithJsonSchema(schema)]
 
 
 _FIELDS = TrainConfig.__dataclass_fields__

@@ -67,6 +67,57 @@ document.addEventListener("DOMContentLoaded", () => {
     }
   }
 
+  // -- what the run chose itself: defaults with reasons, the budget's plan, the range test's curve ----
+  let lrChart = null;
+  function renderChoices(choices) {
+    const section = $("run-choices");
+    if (!section || !choices) return;
+    section.hidden = false;
+    const defaults = choices.defaults || [];
+    $("choice-list").replaceChildren(
+      ...defaults.map((c) => FT.el("li", { "data-setting": c.setting, text: c.reason })),
+    );
+    const budget = choices.budget;
+    $("budget-plan").hidden = !budget;
+    if (budget) {
+      $("budget-plan").textContent =
+        `Time budget ${FT.duration(budget.budget_seconds)}: ${budget.reason} ` +
+        `(estimated ${FT.duration(budget.estimated_seconds)} in all).`;
+    }
+    const finder = choices.lr_finder;
+    $("lr-finder").hidden = !finder;
+    if (!finder || typeof Chart === "undefined") return;
+    $("lr-chosen").textContent = FT.num(finder.lr);
+    $("lr-method").textContent = finder.method;
+    const points = finder.lrs.map((lr, i) => ({ x: lr, y: finder.losses[i] }));
+    if (lrChart) lrChart.destroy();
+    lrChart = new Chart($("lr-chart"), {
+      type: "scatter",
+      data: {
+        datasets: [
+          { label: "smoothed loss", data: points, showLine: true, pointRadius: 0, borderColor: COLORS.train },
+          {
+            label: "chosen rate",
+            data: [{ x: finder.lr, y: Math.min(...finder.losses.filter(Number.isFinite)) }],
+            pointRadius: 6,
+            backgroundColor: COLORS.val,
+            borderColor: COLORS.val,
+          },
+        ],
+      },
+      options: {
+        animation: false,
+        responsive: true,
+        maintainAspectRatio: false,
+        plugins: { legend: { position: "bottom" } },
+        scales: {
+          x: { type: "logarithmic", title: { display: true, text: "learning rate" } },
+          y: { title: { display: true, text: "loss" } },
+        },
+      },
+    });
+  }
+
   // -- metrics table --------------------------------------------------------------------------------
   const tbody = $("metrics-table").querySelector("tbody");
   function metricRow(m, best) {
@@ -108,7 +159,9 @@ document.addEventListener("DOMContentLoaded", () => {
 
   // -- job state ------------------------------------------------------------------------------------
   function renderJob(job) {
+    const changed = JSON.stringify(job.choices || null) !== JSON.stringify((current && current.choices) || null);
     current = job;
+    if (changed || !lrChart) renderChoices(job.choices);
     const badge = FT.el("span", { class: `badge badge-${job.status}`, "data-status": job.status, text: STATUS_LABELS[job.status] || job.status });
     $("job-badge").replaceChildren(badge);
     $("job-stage").textContent = job.stage || "";

@@ -55,15 +55,60 @@ document.addEventListener("DOMContentLoaded", () => {
     for (const node of form.querySelectorAll('[data-when="two-stage"]')) node.hidden = s !== "two-stage";
   }
 
-  for (const radio of form.querySelectorAll('input[name="model"]')) radio.addEventListener("change", updateArch);
+  // The settings the job would choose itself for this dataset, architecture and weights: shown in each
+  // empty field (placeholder, or the "default" option) with the reason under it. Left empty, the job
+  // chooses exactly these and records why; typed over, the user's value wins.
+  let defaultsRequest = 0;
+  async function updateDefaults() {
+    const arch = selectedArch();
+    const dataset = form.elements.dataset_id.value;
+    if (!arch || !dataset) return;
+    const ask = ++defaultsRequest;
+    const query = new URLSearchParams({ model: arch.value, weights: weights() });
+    let suggested;
+    try {
+      suggested = await FT.api("GET", `/api/v1/datasets/${encodeURIComponent(dataset)}/defaults?${query}`);
+    } catch (e) {
+      return; // the form still works with the server's defaults
+    }
+    if (ask !== defaultsRequest) return; // a newer choice is on its way
+    for (const choice of suggested.choices) {
+      const input = form.querySelector(`[data-hp="${CSS.escape(choice.setting)}"]`);
+      if (!input) continue;
+      if (input.tagName === "SELECT" && input.dataset.optional) {
+        input.options[0].textContent = `default (${choice.value ? "on" : "off"})`;
+      } else if (input.dataset.type === "rate") {
+        input.placeholder = `default (${choice.value}), or auto`;
+      } else if (input.type !== "checkbox") {
+        input.placeholder = `auto (${choice.value})`;
+      }
+      const field = input.closest(".field");
+      let note = field.querySelector(".suggested");
+      if (!note) {
+        note = FT.el("p", { class: "help suggested" });
+        field.insertBefore(note, field.querySelector(".field-error"));
+      }
+      note.textContent = `Default for this dataset: ${choice.reason}`;
+    }
+  }
+
+  for (const radio of form.querySelectorAll('input[name="model"]')) {
+    radio.addEventListener("change", () => {
+      updateArch();
+      updateDefaults();
+    });
+  }
   for (const radio of [imagenet, none]) {
     radio.addEventListener("change", () => {
       none.dataset.userChoice = none.checked ? "1" : "";
       updateStrategy();
+      updateDefaults();
     });
   }
+  form.elements.dataset_id.addEventListener("change", updateDefaults);
   strategy.addEventListener("change", updateStrategy);
   updateArch();
+  updateDefaults();
 
   function clearErrors() {
     FT.hide(errorBox);
@@ -125,6 +170,7 @@ document.addEventListener("DOMContentLoaded", () => {
       }
       if (type === "int") body[name] = /^-?\d+$/.test(raw) ? parseInt(raw, 10) : raw;
       else if (type === "float") body[name] = isFinite(Number(raw)) ? Number(raw) : raw;
+      else if (type === "rate") body[name] = raw === "auto" || !isFinite(Number(raw)) ? raw : Number(raw);
       else if (type === "bool") body[name] = raw === "true";
       else body[name] = raw;
     }

@@ -154,9 +154,11 @@ def test_new_job_form_shows_architectures_weights_and_hyperparameters(
     for strategy in ("auto", "frozen", "full", "two-stage"):
         assert f'<option value="{strategy}"' in html
     # defaults, ranges and help come from the engine's own table
-    assert re.search(r'id="hp-epochs"[^>]*min="1"[^>]*max="1000"[^>]*value="10"', html, re.S)
+    assert re.search(r'id="hp-epochs"[^>]*placeholder="auto"[^>]*min="1"[^>]*max="1000"[^>]*value=""', html, re.S)
     assert re.search(r'id="hp-batch_size"[^>]*value="32"', html, re.S)
-    assert re.search(r'id="hp-lr"[^>]*placeholder="auto"', html, re.S)
+    # empty: the default rate; "auto": the range test picks it
+    assert re.search(r'id="hp-lr"[^>]*data-type="rate"[^>]*placeholder="default, or auto"', html, re.S)
+    assert re.search(r'id="hp-label_smoothing"[^>]*placeholder="auto"', html, re.S)  # chosen from the data
     assert '<option value="adamw" selected>' in html and '<option value="cosine" selected>' in html
     assert "learning-rate schedule: cosine with warmup" in html
     assert 'id="hp-device"' not in html  # a server-owned setting is never offered

@@ -75,7 +75,7 @@ def test_every_problem_is_listed() -> None:
         ({"model": "lenet", "weights": "imagenet"}, "lenet has no ImageNet weights"),
         ({"model": "alexnet", "image_size": 32}, "image_size must be at least 64 for alexnet"),
         ({"image_size": 2048}, "image_size must be between 16 and 1024"),
-        ({"epochs": None}, "epochs is required"),
+        ({"weight_decay": None}, "weight_decay is required"),
         ({"optimizer": "lbfgs"}, "optimizer must be one of sgd, adam, adamw, rmsprop"),
     ],
 )

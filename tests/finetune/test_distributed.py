@@ -162,6 +162,11 @@ def test_several_devices_are_refused_outside_torchrun_and_for_cached_feature_str
         train(_config(data, tmp_path / "a", tmp_path / "cache"))
     with pytest.raises(ConfigError, match="strategy full"):
         _config(data, tmp_path / "b", tmp_path / "cache", strategy="frozen").validate()
+    # Each rank would run its own range test or throughput probe, and they could choose differently.
+    with pytest.raises(ConfigError, match="lr auto"):
+        _config(data, tmp_path / "c", tmp_path / "cache", lr="auto").validate()
+    with pytest.raises(ConfigError, match="budget_minutes"):
+        _config(data, tmp_path / "d", tmp_path / "cache", budget_minutes=1.0).validate()
 
 
 def test_the_sharded_order_deals_each_global_batch_out_across_ranks() -> None:

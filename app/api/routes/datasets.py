@@ -17,9 +17,11 @@ from app.api.bodies import read_dataset_upload
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
 from app.api.types import UtcDateTime
 from app.db.tables import Dataset
-from app.domain_errors import Conflict
+from app.domain_errors import BadRequest, Conflict
 from app.services import datasets as svc
 from app.services.dataset_checks import LEASE_SECONDS, DatasetChecks
+from finetune.config import TrainConfig
+from finetune.defaults import DataFacts, choose_defaults
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -190,6 +192,42 @@ def get_files(
 ) -> FilesPage:
     dataset = _ready(svc.get_owned(session, user, dataset_id))
     return FilesPage(**svc.files_page(storage, dataset, offset, limit, class_name, split))
+
+
+class SuggestedDefaults(BaseModel):
+    model: str
+    weights: str
+    values: dict[str, Any]  # setting -> value, for a form to pre-fill
+    choices: list[dict[str, Any]]  # [{setting, value, reason}]
+
+
+_ARCHITECTURES: Any = Literal[TrainConfig.__dataclass_fields__["model"].metadata["choices"]]
+
+
+@router.get(
+    "/{dataset_id}/defaults",
+    summary="The settings a job on this dataset would choose itself, with the reason for each",
+    description="From the dataset's image sizes and images per class, the architecture and the weights "
+    "(no weight file is read): image size, crop scale, flips and label smoothing. A job that leaves them "
+    "open chooses the same from the split it trains on.",
+)
+def get_defaults(
+    dataset_id: str,
+    session: SessionDep,
+    user: CurrentUser,
+    model: _ARCHITECTURES = "resnet18",
+    weights: Literal["imagenet", "none"] = "imagenet",
+) -> SuggestedDefaults:
+    dataset = _ready(svc.get_owned(session, user, dataset_id))
+    if model == "lenet" and weights == "imagenet":
+        raise BadRequest("lenet has no ImageNet weights: use weights=none", code="invalid_weights")
+    choices = choose_defaults(model, weights, DataFacts.from_report(dataset.report or {}))
+    return SuggestedDefaults(
+        model=model,
+        weights=weights,
+        values={c.setting: c.value for c in choices},
+        choices=[c.to_dict() for c in choices],
+    )
 
 
 def _ready(dataset: Dataset) -> Dataset:

@@ -69,6 +69,9 @@ class JobOut(BaseModel):
     # The split the run trains on, once its data is checked: "source" recorded (the dataset's own split),
     # drawn (its own seed and fractions) or folders; "counts" per class and split, "totals" per split.
     split: dict[str, Any] | None = None
+    # What the run decided itself, once it did: "defaults" [{setting, value, reason}] for the settings left
+    # open, "lr_finder" {lr, method, lrs, losses} for lr auto, "budget" {epochs, estimated_seconds, reason...}.
+    choices: dict[str, Any] | None = None
 
 
 def metric_out(m: JobMetric) -> MetricOut:
@@ -109,6 +112,7 @@ def job_out(job: Job, metrics: list[JobMetric] | None = None, model_id: str | No
         error=job.error,
         error_code=job.error_code,
         split=job.data_split,
+        choices=job.run_choices,
         cancel_requested=job.cancel_requested,
         created_at=job.created_at,
         started_at=job.started_at,
