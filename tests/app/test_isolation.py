@@ -68,6 +68,7 @@ ID_ROUTES = [
     Route("GET", "/api/v1/datasets/{dataset_id}/report", 200),
     Route("GET", "/api/v1/datasets/{dataset_id}/files", 200),
     Route("GET", "/api/v1/datasets/{dataset_id}/thumbnails/{index}", 200),
+    Route("GET", "/api/v1/datasets/{dataset_id}/defaults", 200),
     Route("DELETE", "/api/v1/datasets/{dataset_id}", 204, job_status="cancelled"),
     Route("POST", "/api/v1/jobs", 202, body={"dataset_id": "{dataset_id}", **TINY_JOB}),
     Route("GET", "/api/v1/jobs/{job_id}", 200),

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from app.api.bodies import read_dataset_upload
 from app.api.deps import CurrentUser, SessionDep, SettingsDep, StorageDep
+from app.api.responses import thumbnail_response
 from app.api.types import UtcDateTime
 from app.db.tables import Dataset
 from app.domain_errors import BadRequest, Conflict
@@ -245,16 +246,7 @@ def _ready(dataset: Dataset) -> Dataset:
 def get_thumbnail(dataset_id: str, index: int, session: SessionDep, storage: StorageDep, user: CurrentUser) -> Response:
     dataset = svc.get_owned(session, user, dataset_id)
     data = svc.thumbnail(storage, dataset, index)
-    return Response(
-        data,
-        media_type="image/jpeg",
-        headers={
-            "Cache-Control": "private, max-age=86400",
-            "X-Content-Type-Options": "nosniff",
-            # Built from the row's id, never a user's name; <img> still shows it, a direct visit saves it.
-            "Content-Disposition": f'attachment; filename="thumbnail-{dataset.id}-{index}.jpg"',
-        },
-    )
+    return thumbnail_response(data, f"thumbnail-{dataset.id}-{index}.jpg")
 
 
 @router.delete("/{dataset_id}", status_code=204, summary="Delete a dataset (409 while a job uses it)")

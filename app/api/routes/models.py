@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.background import BackgroundTask
 
 from app.api.deps import CurrentUser, SessionDep, StorageDep
+from app.api.responses import thumbnail_response
 from app.api.types import UtcDateTime
 from app.db.tables import Model
 from app.errors import ApiError
@@ -302,15 +303,7 @@ def get_misclassified_thumbnail(
 ) -> Response:
     model = svc.get_owned(session, user, model_id)
     data = svc.misclassified_thumbnail(storage, model, index)
-    return Response(
-        data,
-        media_type="image/jpeg",
-        headers={
-            "Cache-Control": "private, max-age=86400",
-            "X-Content-Type-Options": "nosniff",
-            "Content-Disposition": f'attachment; filename="misclassified-{model.id}-{index}.jpg"',
-        },
-    )
+    return thumbnail_response(data, f"misclassified-{model.id}-{index}.jpg")
 
 
 # One export at a time per API process: each runs the test split through two networks on every core.
