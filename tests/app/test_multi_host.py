@@ -45,7 +45,14 @@ from app.db.migrate import upgrade
 from app.db.tables import Job, Worker
 from app.jobs.queue import JobQueue
 from app.settings import Settings
-from tests.app.conftest import dataset_files, drop_pg_database, fresh_pg_database, job_processes, make_account
+from tests.app.conftest import (
+    dataset_files,
+    drop_pg_database,
+    fresh_pg_database,
+    job_processes,
+    make_account,
+    wait_until,
+)
 from tests.app.test_fault_injection import assert_checkpoints_whole
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -121,7 +128,7 @@ class Host:
         assert self.proc is not None
         if not self.pid1:
             return self.proc.pid
-        return int(wait_for(lambda: _child_of(self.proc.pid), 30, f"{self.name}'s process"))  # type: ignore[union-attr]
+        return int(wait_until(lambda: _child_of(self.proc.pid), 30, f"{self.name}'s process"))  # type: ignore[union-attr]
 
     def signal(self, sig: signal.Signals) -> None:
         os.kill(self.pid, sig)
@@ -154,16 +161,6 @@ def _child_of(pid: int) -> int | None:
                 if int(fields[1]) == pid and fields[0] != "Z":
                     return int(entry.name)
     return None
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Cluster:
@@ -258,8 +255,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, pg_server: str) -> Iterato
             host.start()
         for host in (c.host("a", "worker"), c.host("b", "worker"), c.host("c", "worker", other_mount=True)):
             host.start()
-        wait_for(lambda: c.healthy("api-1") and c.healthy("api-2"), 120, "both APIs")
-        wait_for(lambda: {w.host for w in c.live_workers()} == {"a", "b", "c"}, 120, "three workers")
+        wait_until(lambda: c.healthy("api-1") and c.healthy("api-2"), 120, "both APIs")
+        wait_until(lambda: {w.host for w in c.live_workers()} == {"a", "b", "c"}, 120, "three workers")
         with c.api() as api:
             r = api.post("/api/v1/datasets", files={"archive": ("d.zip", zipped(dataset_files(per_class=10)))})
             assert r.status_code == 201, r.text
@@ -295,7 +292,7 @@ def get(c: Cluster, job_id: str, api: str = "api-1") -> dict[str, Any]:
 
 
 def wait_job(c: Cluster, job_id: str, statuses: tuple[str, ...] = FINISHED, timeout: float = 240) -> dict[str, Any]:
-    return wait_for(
+    return wait_until(
         lambda: (j := get(c, job_id)) and j["status"] in statuses and j, timeout, f"job {job_id} {statuses}", 0.2
     )
 
@@ -308,7 +305,7 @@ def last_checkpoint(c: Cluster, job_id: str) -> int | None:
 
 
 def wait_checkpoint(c: Cluster, job_id: str) -> None:
-    wait_for(
+    wait_until(
         lambda: get(c, job_id)["status"] == "running" and last_checkpoint(c, job_id),
         180,
         f"a checkpoint of {job_id}",
@@ -320,7 +317,7 @@ def cancel(c: Cluster, job_id: str) -> None:
     with c.api() as client:
         client.post(f"/api/v1/jobs/{job_id}/cancel")
     wait_job(c, job_id, timeout=60)
-    wait_for(lambda: not job_processes(job_id), 30, f"the job process of {job_id} to exit")
+    wait_until(lambda: not job_processes(job_id), 30, f"the job process of {job_id} to exit")
 
 
 def metric_attempts(c: Cluster, job_id: str) -> dict[int, int]:
@@ -373,11 +370,11 @@ def test_a_killed_workers_job_resumes_elsewhere_within_20_seconds(cluster: Clust
     victim.signal(signal.SIGKILL)
     killed_at = time.monotonic()
     victim.wait(30)
-    wait_for(lambda: not job_processes(job_id), 15, "the job process to die with its worker")
+    wait_until(lambda: not job_processes(job_id), 15, "the job process to die with its worker")
     checkpoint = last_checkpoint(c, job_id)
     assert checkpoint is not None
 
-    resumed = wait_for(
+    resumed = wait_until(
         lambda: (j := get(c, job_id))["attempt"] == 2 and j["status"] == "running" and j, 60, "the takeover", 0.1
     )
     took = time.monotonic() - killed_at
@@ -385,7 +382,7 @@ def test_a_killed_workers_job_resumes_elsewhere_within_20_seconds(cluster: Clust
     assert took < TAKEOVER_TARGET_SECONDS, f"takeover took {took:.1f}s"
     assert c.holder(job_id).name != victim.name
     assert resumed["retries"] == 1 and "lease" in resumed["retry_reason"]
-    wait_for(lambda: max(metric_attempts(c, job_id).items(), default=(0, 0))[1] == 2, 120, "attempt 2 to train")
+    wait_until(lambda: max(metric_attempts(c, job_id).items(), default=(0, 0))[1] == 2, 120, "attempt 2 to train")
     attempts = metric_attempts(c, job_id)
     assert {e: a for e, a in attempts.items() if e <= checkpoint} == dict.fromkeys(range(1, checkpoint + 1), 1)
     cancel(c, job_id)
@@ -393,7 +390,7 @@ def test_a_killed_workers_job_resumes_elsewhere_within_20_seconds(cluster: Clust
     assert_checkpoints_whole(c.shared / "runs" / job_id)
     victim.stop()
     victim.start()  # the host comes back (a new worker id: the dead one's row stays "lost")
-    wait_for(lambda: victim.name in {w.host for w in c.live_workers()}, 120, f"{victim.name} to come back")
+    wait_until(lambda: victim.name in {w.host for w in c.live_workers()}, 120, f"{victim.name} to come back")
 
 
 # -- 3 --------------------------------------------------------------------------------------------------------
@@ -412,19 +409,19 @@ def test_sigterm_drains_and_the_job_continues_elsewhere(cluster: Cluster) -> Non
     (c.tmp / "drain-seconds.txt").write_text(f"{took:.2f}\n")
     checkpoint = last_checkpoint(c, job_id)
     assert checkpoint is not None
-    continued = wait_for(
+    continued = wait_until(
         lambda: (j := get(c, job_id))["attempt"] == 2 and j["status"] == "running" and j, 60, "another worker", 0.1
     )
     assert requeued["status"] in ("queued", "running") and continued["retries"] == 0  # a drain is not a retry
     assert c.holder(job_id).name != drained.name
-    wait_for(lambda: max(metric_attempts(c, job_id).items(), default=(0, 0))[1] == 2, 120, "attempt 2 to train")
+    wait_until(lambda: max(metric_attempts(c, job_id).items(), default=(0, 0))[1] == 2, 120, "attempt 2 to train")
     attempts = metric_attempts(c, job_id)
     assert {e: a for e, a in attempts.items() if e <= checkpoint} == dict.fromkeys(range(1, checkpoint + 1), 1)
     cancel(c, job_id)
     assert_checkpoints_whole(c.shared / "runs" / job_id)
     drained.stop()
     drained.start()
-    wait_for(lambda: drained.name in {w.host for w in c.live_workers()}, 120, f"{drained.name} to come back")
+    wait_until(lambda: drained.name in {w.host for w in c.live_workers()}, 120, f"{drained.name} to come back")
 
 
 # -- 4 --------------------------------------------------------------------------------------------------------
@@ -478,7 +475,7 @@ def test_apis_starting_during_each_others_uploads_lose_none(cluster: Cluster) ->
         t = threading.Thread(target=slow_upload, args=(c, uploading, halfway, go_on, out))
         t.start()
         assert halfway.wait(60)
-        wait_for(
+        wait_until(
             lambda: any(p.name.startswith("upload-") for p in (c.shared / "tmp").iterdir()),
             30,
             "the upload's tmp/ entry",
@@ -486,7 +483,7 @@ def test_apis_starting_during_each_others_uploads_lose_none(cluster: Cluster) ->
         host = c.hosts[starting]
         host.stop()
         host.start()  # its start cleans tmp/: only its own and stale entries
-        wait_for(lambda h=starting: c.healthy(h), 120, f"{starting} to start")
+        wait_until(lambda h=starting: c.healthy(h), 120, f"{starting} to start")
         go_on.set()
         t.join(120)
         assert out.get("status") == 201, out
@@ -503,14 +500,14 @@ def test_two_workers_with_the_same_host_name_and_pid_take_nothing_from_each_othe
     twin1 = c.host("twin-1", "worker", pid1=True)
     twin1.name = "twin"
     twin1.start()
-    wait_for(lambda: any(w.host == "twin" for w in c.live_workers()), 120, "the first twin")
+    wait_until(lambda: any(w.host == "twin" for w in c.live_workers()), 120, "the first twin")
     # Larger images make each epoch slower: the job must outlive a worker start and more than a lease.
     job_id = submit(c, epochs=LONG, image_size=96)
     wait_checkpoint(c, job_id)
     twin2 = c.host("twin-2", "worker", pid1=True)
     twin2.name = "twin"
     twin2.start()
-    wait_for(lambda: sum(w.host == "twin" for w in c.live_workers()) == 2, 120, "the second twin")
+    wait_until(lambda: sum(w.host == "twin" for w in c.live_workers()) == 2, 120, "the second twin")
     twins = [w for w in c.live_workers() if w.host == "twin"]
     assert [w.pid for w in twins] == [1, 1] and len({w.id for w in twins}) == 2
     held_by = c.job(job_id).worker
@@ -522,7 +519,7 @@ def test_two_workers_with_the_same_host_name_and_pid_take_nothing_from_each_othe
         t.stop()
     for h in others:
         h.start()
-    wait_for(lambda: {"a", "b", "c"} <= {w.host for w in c.live_workers()}, 120, "the workers to come back")
+    wait_until(lambda: {"a", "b", "c"} <= {w.host for w in c.live_workers()}, 120, "the workers to come back")
 
 
 # -- 7 --------------------------------------------------------------------------------------------------------
@@ -542,7 +539,7 @@ def test_a_cancel_racing_a_claim_ends_cancelled_with_no_process_training(cluster
     for job_id in jobs:
         ended = wait_job(c, job_id, timeout=90)
         assert ended["status"] == "cancelled", ended
-        wait_for(lambda j=job_id: not job_processes(j), 30, f"no process training {job_id}")
+        wait_until(lambda j=job_id: not job_processes(j), 30, f"no process training {job_id}")
         assert ended["epoch"] < LONG
         # Resuming at once starts the next attempt alone in the run folder: the cancelled one has exited.
     with c.api() as client:
