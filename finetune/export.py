@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -274,6 +275,13 @@ def serving_network(predictor: Any) -> ServingNetwork:
     return ServingNetwork(network, predictor.preprocessing, predictor.temperature).eval()
 
 
+# torch's tracing exporters keep their state in process globals (torch.onnx's GLOBALS.in_onnx_export, the
+# JIT tracing state): two traces at once in one process (the service exporting one model while it loads
+# another for serving) break each other. One trace at a time per process; the per-run file lock is for
+# other processes.
+_TRACING = threading.Lock()
+
+
 @contextmanager
 def _quiet() -> Iterator[None]:
     # The tracing exporters warn that they are deprecated in favour of torch.export; they remain the
@@ -289,7 +297,7 @@ def write_onnx(predictor: Any, path: Path, metadata: dict[str, Any]) -> None:
     net = serving_network(predictor)
     crop = predictor.preprocessing.crop_size
     example = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
-    with _quiet(), torch.no_grad():
+    with _TRACING, _quiet(), torch.no_grad():
         torch.onnx.export(
             net,
             (example,),
@@ -323,7 +331,7 @@ def set_onnx_metadata(model: Any, metadata: dict[str, Any]) -> None:
 def write_torchscript(predictor: Any, path: Path, metadata: dict[str, Any]) -> None:
     net = serving_network(predictor)
     crop = predictor.preprocessing.crop_size
-    with _quiet(), torch.no_grad():
+    with _TRACING, _quiet(), torch.no_grad():
         traced = torch.jit.trace(net, torch.zeros(2, crop, crop, 3, dtype=torch.uint8))
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata, sort_keys=True)})
 

@@ -231,3 +231,18 @@ def test_the_parity_check_finds_the_runs_images_from_any_working_folder(
     monkeypatch.chdir(tmp_path)
     result = export_run(tmp_path / "data" / "runs" / "r", "onnx")
     assert result.record["parity"]["split"] == "test" and result.record["parity"]["images"] > 0
+
+
+def test_exports_of_two_runs_at_once_in_one_process(tmp_path: Path) -> None:
+    # The service exports one model in a request thread while another thread exports a second one to
+    # serve it; torch's exporters keep process-global state, so they must take turns.
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [make_run(tmp_path / f"run{i}", "lenet", per_split=3) for i in range(2)]
+    jobs = [(run, fmt) for _ in range(3) for run in runs for fmt in (ONNX, TORCHSCRIPT)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(lambda job: export_run(job[0], job[1], force=True), jobs))
+    assert all(result.parity["passed"] for result in results)
+    assert {result.path for result in results} == {
+        run / EXPORT_DIR / FILE_NAMES[fmt] for run in runs for fmt in (ONNX, TORCHSCRIPT)
+    }
