@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.model_cache_size,
         max_batch=settings.predict_max_batch,
         max_wait_ms=settings.predict_max_wait_ms,
+        batch_ms=settings.predict_batch_ms,
         max_pixels=settings.max_image_pixels,
         on_batch=metrics.observe_batch,
         on_load=metrics.model_loads.inc,

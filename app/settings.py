@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     model_cache_size: int = Field(4, description="models kept loaded for prediction (LRU)")
     predict_max_batch: int = 32
     predict_max_wait_ms: float = 4.0
+    predict_batch_ms: float = Field(
+        100.0,
+        gt=0,
+        description="how long one batched forward pass may take: each model's batch is capped at its measured "
+        "images/s times this (at most predict_max_batch), so under load a request waits for a few short passes, "
+        "not behind one long one",
+    )
     predict_runtime: Literal["auto", "torch"] = Field(
         "auto",
         description="auto: measure PyTorch (eager, channels-last) and ONNX Runtime for each model on this host and "

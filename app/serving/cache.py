@@ -89,6 +89,22 @@ PREPARE_NICE = 10  # as low as training: choosing a runtime must not slow the re
 MEASURE_BATCH = 8  # the batch the runtimes are compared at: what the batcher forms under load
 
 
+def batch_cap(choice: Choice, max_batch: int, batch_s: float | None) -> int:
+    """The most images one forward pass of ``choice`` takes: as many as it runs in ``batch_s`` at its measured
+    speed, at most ``max_batch``.
+
+    The batcher runs one pass at a time, so a request that arrives just after a pass starts waits for it and
+    then for its own: with 32 clients on two cores, passes of 32 images at ~90 images/s made that ~700 ms
+    while the median was ~430 ms. Passes of ~100 ms cost a CPU runtime next to nothing in throughput (its
+    images/s hardly grows past batch 8) and keep every request within a few passes of its arrival. Not
+    measured (one candidate, or a recorded choice without speeds): ``max_batch``."""
+    speeds = choice.measured.get("images_per_sec") or {}
+    speed = speeds.get(choice.runtime.name)
+    if batch_s is None or not isinstance(speed, (int, float)) or speed <= 0:
+        return max_batch
+    return max(1, min(max_batch, int(speed * batch_s)))
+
+
 @dataclass
 class LoadedModel:
     model_id: str
@@ -110,9 +126,11 @@ class LoadedModel:
         return probs
 
     def use(self, choice: Choice, capacity: int) -> None:
-        """Switch to ``choice`` (the batcher picks it up at its next forward pass)."""
+        """Switch to ``choice`` with batches of at most ``capacity`` (the batcher picks both up at its next
+        forward pass)."""
         self.forward = batch_forward(choice.runtime, self.predictor.preprocessing.crop_size, capacity)
         self.runtime, self.choice = choice.runtime.name, choice
+        self.batcher.max_batch = max(1, capacity)
 
     async def ready(self) -> None:
         """Wait until the runtime has been chosen (or choosing it failed: PyTorch stays)."""
@@ -126,6 +144,7 @@ class LoadedModel:
             "precision": self.choice.runtime.precision if self.choice else "fp32",
             "requested_precision": self.precision,
             "choosing": self.preparing is not None and not self.preparing.done(),
+            "max_batch": self.batcher.max_batch,
             "note": self.choice.note if self.choice else "",
         }
 
@@ -137,6 +156,7 @@ class ModelCache:
         *,
         max_batch: int,
         max_wait_ms: float,
+        batch_ms: float | None = None,
         max_pixels: int | None = None,
         loader: Loader = load_predictor,
         on_batch: Callable[[int], None] | None = None,
@@ -148,6 +168,7 @@ class ModelCache:
         self.capacity = max(1, capacity)
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000.0
+        self.batch_s = None if batch_ms is None else batch_ms / 1000.0
         self.max_pixels = max_pixels
         self.loader = loader
         self.on_batch = on_batch
@@ -243,8 +264,14 @@ class ModelCache:
         except Exception as e:  # the model still answers with PyTorch; say why it stays there
             log.warning("model %s: runtime not chosen, serving with PyTorch: %s", entry.model_id, e)
             return
-        entry.use(choice, self.max_batch)
-        log.info("model %s served with %s (%s)", entry.model_id, choice.runtime.name, choice.runtime.precision)
+        entry.use(choice, batch_cap(choice, self.max_batch, self.batch_s))
+        log.info(
+            "model %s served with %s (%s), batches of at most %d",
+            entry.model_id,
+            choice.runtime.name,
+            choice.runtime.precision,
+            entry.batcher.max_batch,
+        )
 
     def _forward_executor(self) -> ThreadPoolExecutor:
         if self._executor is None:

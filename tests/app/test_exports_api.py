@@ -133,6 +133,8 @@ def test_the_service_serves_the_runtime_it_measured_fastest(client: TestClient, 
     fp32 = measured[device]["fp32"]
     assert {"onnxruntime", "torch-eager", "torch-channels-last"} <= set(fp32["images_per_sec"])
     assert info["runtime"] == fp32["winner"] == max(fp32["images_per_sec"], key=fp32["images_per_sec"].get)
+    # Its batches are capped at what it runs in predict_batch_ms (100) at its measured speed, at most 32.
+    assert info["max_batch"] == max(1, min(32, int(fp32["images_per_sec"][fp32["winner"]] * 0.1)))
     # Whatever won, the answer is the one PyTorch gave before the switch.
     again = predict(client, model_id, png("blue")).json()
     a, b = first["predictions"][0]["labels"], again["predictions"][0]["labels"]

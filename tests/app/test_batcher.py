@@ -1,0 +1,46 @@
+"""The micro-batcher: concurrent requests share forward passes of at most ``max_batch`` images, first come
+first served, and a model's cap follows its measured speed."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from app.serving.batcher import MicroBatcher
+from app.serving.cache import batch_cap
+from finetune.serving import Choice, Runtime
+
+
+def test_passes_hold_at_most_max_batch_images_in_arrival_order() -> None:
+    sizes: list[int] = []
+
+    def forward(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        sizes.append(len(arrays))
+        return torch.tensor([[float(a[0])] for a in arrays])
+
+    async def main() -> list[float]:
+        batcher = MicroBatcher(forward, max_batch=3, max_wait_s=0.05)
+        answers = await asyncio.gather(*(batcher.submit([np.array([i])]) for i in range(10)))
+        batcher.max_batch = 5  # a new cap (a runtime was chosen) holds from the next pass
+        more = await asyncio.gather(*(batcher.submit([np.array([i])]) for i in range(10, 20)))
+        await batcher.close()
+        return [float(a[0, 0]) for a in [*answers, *more]]
+
+    assert asyncio.run(main()) == [float(i) for i in range(20)]
+    assert sizes[:4] == [3, 3, 3, 1] and sizes[4:] == [5, 5]
+
+
+def _choice(speeds: dict[str, float], name: str = "onnxruntime") -> Choice:
+    runtime = Runtime(name, "fp32", lambda batch: batch)
+    return Choice(runtime, {"winner": name, "images_per_sec": speeds})
+
+
+def test_the_cap_is_what_the_runtime_runs_in_the_batch_time() -> None:
+    assert batch_cap(_choice({"onnxruntime": 93.0, "torch-eager": 61.0}), 32, 0.1) == 9
+    assert batch_cap(_choice({"onnxruntime": 4000.0}), 32, 0.1) == 32  # a GPU: the configured maximum
+    assert batch_cap(_choice({"onnxruntime": 3.0}), 32, 0.1) == 1  # a slow model still answers
+    assert batch_cap(_choice({}), 32, 0.1) == 32  # one candidate, not measured
+    assert batch_cap(_choice({"onnxruntime": 93.0}), 32, None) == 32  # no batch time set
