@@ -20,6 +20,7 @@ SCHEDULES = ("cosine", "step", "onecycle", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MONITORS = ("val_acc", "val_loss")
 DEFAULT_EPOCHS = 10
+SYNC_BATCHNORM_NEEDS = "runs on GPUs only (PyTorch's SyncBatchNorm has no CPU implementation)"
 
 
 def _f(
@@ -132,6 +133,11 @@ class TrainConfig:
         min=1,
         max=64,
     )
+    sync_batchnorm: bool = _f(
+        False,
+        "devices > 1 on GPUs: batch-norm statistics over the global batch (SyncBatchNorm) instead of each device's "
+        "share; helps when the batch per device is small, at the cost of a collective per batch-norm layer",
+    )
     precision: str = _f("auto", "auto: bf16 autocast on CUDA, fp32 on CPU", choices=PRECISIONS)
     channels_last: bool | None = _f(None, "channels-last memory layout (default on; faster on CUDA and on modern CPUs)")
     compile: bool = _f(False, "torch.compile the model (slow start, faster steps on long runs)")
@@ -202,6 +208,11 @@ class TrainConfig:
                 problems.append("lr auto runs its range test on one device: give a number with devices > 1")
             if self.budget_minutes is not None:
                 problems.append("budget_minutes plans the run on one device: leave it out with devices > 1")
+        if self.sync_batchnorm:
+            if self.devices <= 1:
+                problems.append("sync_batchnorm shares batch-norm statistics between devices: use it with devices > 1")
+            if self.device == "cpu":
+                problems.append(f"sync_batchnorm {SYNC_BATCHNORM_NEEDS}: leave it out with device cpu")
         if self.image_size is not None:
             from .models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT
 

@@ -167,3 +167,11 @@ def setup(devices: int, device_name: str) -> Dist:
     log.info("rank %d of %d (%s), collective timeout %s", rank, ranks, backend, timeout)
     _joined = Dist(rank, ranks, local_rank, backend, small, wait)
     return _joined
+
+
+def sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every batch-norm layer computing its statistics over all ranks' images (SyncBatchNorm;
+    ``Runtime.for_config`` has refused it off CUDA). The weights and buffers keep their names, so checkpoints
+    load into the plain architecture for evaluation and serving, where the running statistics are used and
+    nothing is synchronised."""
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

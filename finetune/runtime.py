@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .config import TrainConfig
+from .config import SYNC_BATCHNORM_NEEDS, TrainConfig
 from .distributed import Dist, setup
 from .errors import Cancelled, ConfigError
 from .events import Callback, Event
@@ -76,6 +76,8 @@ class Runtime:
         device = resolve_device(config.device)
         if dist.enabled and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
+        if config.sync_batchnorm and dist.enabled and device.type != "cuda":
+            raise ConfigError([f"sync_batchnorm {SYNC_BATCHNORM_NEEDS}; this run's ranks run on the {device.type}"])
         return cls(
             device,
             resolve_precision(config.precision, device),

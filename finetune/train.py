@@ -43,6 +43,7 @@ from .config import TrainConfig
 from .dataset import Dataset, DatasetOptions, read_split_file
 from .datastore import StoredDataset, load_into_store
 from .defaults import Choice, DataFacts, apply_defaults, provisional_image_size
+from .distributed import sync_batchnorm
 from .errors import Cancelled, CheckpointError, ConfigError, WeightsError
 from .evaluate import metrics_from_logits, misclassified, predict_logits, validation_metrics
 from .events import (
@@ -591,6 +592,8 @@ class _Run:
         # from rank 0's weights and all-reduces gradients in backward), compiled at its first call if asked.
         step_model: Any = self.model
         if rt.dist.enabled:
+            if config.sync_batchnorm:
+                self.model = sync_batchnorm(self.model)
             step_model = DDP(self.model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         self.train_step = TrainStep(torch.compile(step_model) if config.compile else step_model, config, rt, self.state)
         self.progress = _Progress(rt, self.stages[-1].last_epoch)
@@ -880,6 +883,7 @@ def training_facts(config: TrainConfig, rt: Runtime) -> dict[str, Any]:
         "device": str(rt.device) if not rt.dist.enabled else f"{rt.device.type} x {rt.dist.world}",
         "batch_per_device": config.batch_size,
         "global_batch": config.batch_size * rt.dist.world,
+        "batchnorm": "synchronised across devices" if rt.dist.enabled and config.sync_batchnorm else "per device",
         "lr": config.resolved_lr(),
         "lr_note": "used as given for the global batch (no automatic scaling with the number of devices)",
     }

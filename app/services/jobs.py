@@ -127,9 +127,12 @@ def check_weights(session: Session, config: TrainConfig, settings: Settings) -> 
     return f"waiting for a worker that holds the ImageNet weights of {config.model}"
 
 
-def worker_capacity(devices: list[Any]) -> int:
+def worker_capacity(devices: list[Any], *, gpus_only: bool = False) -> int:
     """How many devices one job may use on a worker that advertises ``devices``: its GPUs, or on a host
-    without GPUs its ``cpu:N`` entries (``cpu_devices``); a worker registered before either counts as 1."""
+    without GPUs its ``cpu:N`` entries (``cpu_devices``); a worker registered before either counts as 1.
+    ``gpus_only``: its GPUs alone (a job that needs CUDA, such as one with ``sync_batchnorm``)."""
+    if gpus_only:
+        return sum(1 for d in devices or [] if not str(d).startswith("cpu"))
     return max(1, len(devices or []))
 
 
@@ -146,16 +149,23 @@ def check_devices(session: Session, config: TrainConfig, settings: Settings) -> 
     hosts accept the job (a bigger worker may start)."""
     if config.devices <= 1:
         return
+    gpus = config.sync_batchnorm  # SyncBatchNorm runs on CUDA only: the gloo processes of a CPU host do not count
     live = session.execute(select(Worker.host, Worker.devices).where(state.worker_alive())).all()
     if live:
-        offers = {(w.host, worker_capacity(w.devices)) for w in live}
+        offers = {(w.host, worker_capacity(w.devices, gpus_only=gpus)) for w in live}
     elif not settings.is_multi_host:
-        offers = {("this host", worker_capacity(this_host_devices(settings)))}
+        offers = {("this host", worker_capacity(this_host_devices(settings), gpus_only=gpus))}
     else:
         return
     most = max(n for _, n in offers)
     if config.devices > most:
         where = ", ".join(f"{host}: {n}" for host, n in sorted(offers))
+        if gpus:
+            raise TooManyDevices(
+                f"devices={config.devices} with sync_batchnorm needs that many GPUs on one worker, and no running "
+                f"worker has them (GPUs per worker: {where}). SyncBatchNorm runs on GPUs only: leave it out to "
+                "train on a worker's CPU processes."
+            )
         raise TooManyDevices(
             f"devices={config.devices}, but no running worker has that many (devices per worker: {where}). "
             f"Ask for at most {most}; a worker without GPUs offers FINETUNE_CPU_DEVICES processes."

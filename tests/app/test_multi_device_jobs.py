@@ -75,6 +75,28 @@ def test_more_devices_than_any_worker_has_is_refused_with_the_reason(
         s.execute(update(Worker).values(stopped_at=state.db_now()))
 
 
+def test_sync_batchnorm_needs_a_worker_with_that_many_gpus(client: TestClient, settings: Settings) -> None:
+    dataset = upload_zip(client, dataset_files(per_class=6))
+    body = {"dataset_id": dataset["id"], **TWO, "sync_batchnorm": True}
+    # This host has no GPU: its two gloo processes run the job without it, not with it.
+    error = assert_error(client.post(API, json=body), 422, "too_many_devices")
+    assert "GPUs only" in error["message"] and "this host: 0" in error["message"]
+    assert client.post(API, json={**body, "sync_batchnorm": False}).status_code == 202
+    error = assert_error(client.post(API, json={**body, "devices": 1}), 422, "bad_config")
+    assert "with devices > 1" in error["message"]
+    with session_scope(settings.db_url) as s:
+        for worker_id, devices in (("c" * 32, ["cpu:0", "cpu:1", "cpu:2"]), ("d" * 32, ["0", "1"])):
+            state.register_worker(
+                s, 60, id=worker_id, host=f"host-{worker_id[0]}", pid=1, slots=1, devices=devices, weights=[],
+                draining=False,
+            )  # fmt: skip
+    assert client.post(API, json=body).status_code == 202  # host-d has two cards
+    error = assert_error(client.post(API, json={**body, "devices": 3}), 422, "too_many_devices")
+    assert "host-c: 0, host-d: 2" in error["message"]
+    with session_scope(settings.db_url) as s:
+        s.execute(update(Worker).values(stopped_at=state.db_now()))
+
+
 def test_the_job_form_asks_for_devices(client: TestClient) -> None:
     dataset = upload_zip(client, dataset_files(per_class=6))
     html = client.get(f"/jobs/new?dataset={dataset['id']}").text

@@ -10,11 +10,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.config import TrainConfig
-from finetune.distributed import TIMEOUT_ENV
+from finetune.distributed import TIMEOUT_ENV, sync_batchnorm
 from finetune.errors import ConfigError
 from finetune.loader import batches, shard_batches
+from finetune.models import build_model
 from finetune.train import train
 
 from .helpers import lenet_config, make_shapes_dataset, one_torch_thread
@@ -106,6 +109,7 @@ def test_run_info_states_devices_and_global_batch(two_ranks: Any) -> None:
     assert training["batch_per_device"] == PER_RANK_BATCH
     assert training["global_batch"] == PER_RANK_BATCH * RANKS
     assert training["lr"] == config.resolved_lr()
+    assert training["batchnorm"] == "per device"
 
 
 def test_loss_curve_matches_one_process_with_the_same_global_batch(two_ranks: Any, tmp_path: Path) -> None:
@@ -167,6 +171,30 @@ def test_several_devices_are_refused_outside_torchrun_and_for_cached_feature_str
         _config(data, tmp_path / "c", tmp_path / "cache", lr="auto").validate()
     with pytest.raises(ConfigError, match="budget_minutes"):
         _config(data, tmp_path / "d", tmp_path / "cache", budget_minutes=1.0).validate()
+
+
+def test_sync_batchnorm_is_asked_for_with_several_gpus_and_keeps_checkpoints_plain(data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="with devices > 1"):
+        _config(data, tmp_path / "a", tmp_path / "cache", devices=1, sync_batchnorm=True).validate()
+    with pytest.raises(ConfigError, match="GPUs only"):
+        _config(data, tmp_path / "b", tmp_path / "cache", device="cpu", sync_batchnorm=True).validate()
+    # The conversion (run on each GPU rank before DDP wraps the model) keeps every weight's and buffer's name,
+    # so its checkpoints load into the plain architecture that evaluation, export and serving build.
+    plain = build_model("resnet18", 3, weights="none").model
+    synced = sync_batchnorm(copy.deepcopy(plain))
+    kinds = Counter(type(m).__name__ for m in synced.modules())
+    assert kinds["SyncBatchNorm"] == 20 and kinds["BatchNorm2d"] == 0
+    assert list(synced.state_dict()) == list(plain.state_dict())
+    fresh = build_model("resnet18", 3, weights="none").model
+    fresh.load_state_dict(synced.state_dict())
+
+
+def test_sync_batchnorm_on_cpu_ranks_ends_the_run_with_the_reason(data: Path, tmp_path: Path) -> None:
+    """Two gloo ranks (the device left at auto, so validation cannot tell): each refuses before training."""
+    done = _launch(_config(data, tmp_path / "run", tmp_path / "cache", sync_batchnorm=True), tmp_path / "records")
+    assert done.returncode != 0
+    assert "sync_batchnorm runs on GPUs only" in done.stdout + done.stderr
+    assert not (tmp_path / "run" / "last").exists()
 
 
 def test_the_sharded_order_deals_each_global_batch_out_across_ranks() -> None:
