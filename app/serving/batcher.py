@@ -3,15 +3,18 @@
 Each image is one queue item with its own future. The batcher takes the first waiting item, gathers
 more until it has ``max_batch`` or ``max_wait`` has passed since the first, runs one forward for all of
 them in a worker thread and resolves each future with its row. While a forward runs, new requests queue
-up, so under load batches grow by themselves and an idle server adds at most ``max_wait`` of latency.
+up, so under load batches grow by themselves. It waits for more only while other requests for the model are
+on their way (decoding their images, see ``arriving``): a lone client's request runs at once instead of
+paying ``max_wait`` on every call.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +50,18 @@ class MicroBatcher:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._arriving = 0  # requests preparing images for this batcher (on the event loop: no lock)
+
+    @contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a request's preprocessing: while any request is inside, a batch waits (up to ``max_wait``)
+        for more; with none, nothing else is coming and the batch runs at once. Leave it right before
+        ``submit`` so no await falls between the two."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     async def submit(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
         """Class probabilities (len(arrays) x C) for preprocessed images, batched with other callers."""
@@ -89,6 +104,8 @@ class MicroBatcher:
             try:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
+                if self._arriving == 0:
+                    break  # no other request is on its way: waiting would only delay this one
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break

@@ -44,3 +44,44 @@ def test_the_cap_is_what_the_runtime_runs_in_the_batch_time() -> None:
     assert batch_cap(_choice({"onnxruntime": 3.0}), 32, 0.1) == 1  # a slow model still answers
     assert batch_cap(_choice({}), 32, 0.1) == 32  # one candidate, not measured
     assert batch_cap(_choice({"onnxruntime": 93.0}), 32, None) == 32  # no batch time set
+
+
+def _recording_batcher(sizes: list[int], max_wait_s: float) -> MicroBatcher:
+    def forward(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        sizes.append(len(arrays))
+        return torch.zeros(len(arrays), 1)
+
+    return MicroBatcher(forward, max_batch=8, max_wait_s=max_wait_s)
+
+
+def test_a_lone_request_does_not_wait_for_company() -> None:
+    sizes: list[int] = []
+
+    async def main() -> None:
+        batcher = _recording_batcher(sizes, max_wait_s=60.0)
+        # Nothing else is on its way, so the batch runs at once instead of waiting out the minute.
+        await asyncio.wait_for(batcher.submit([np.zeros(1)]), timeout=10)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sizes == [1]
+
+
+def test_a_batch_waits_for_a_request_still_preparing_its_images() -> None:
+    sizes: list[int] = []
+
+    async def main() -> None:
+        batcher = _recording_batcher(sizes, max_wait_s=60.0)
+
+        async def slow_request() -> torch.Tensor:
+            with batcher.arriving():
+                await asyncio.sleep(0.2)  # decoding
+            return await batcher.submit([np.zeros(1)])
+
+        slow = asyncio.create_task(slow_request())
+        await asyncio.sleep(0)  # the slow request is now preparing
+        await asyncio.wait_for(asyncio.gather(batcher.submit([np.zeros(1)]), slow), timeout=10)
+        await batcher.close()
+
+    asyncio.run(main())
+    assert sizes == [2]  # one pass for both: the first waited for the second

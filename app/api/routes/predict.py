@@ -127,10 +127,11 @@ async def predict(
     except CheckpointError:
         raise svc.unavailable(model_id) from None
     predictor = loaded.predictor
-    results = await asyncio.gather(
-        *(run_in_threadpool(_preprocess, predictor, image, i) for i, image in enumerate(images)),
-        return_exceptions=True,
-    )
+    with loaded.batcher.arriving():  # a batch that forms meanwhile waits for these images
+        results = await asyncio.gather(
+            *(run_in_threadpool(_preprocess, predictor, image, i) for i, image in enumerate(images)),
+            return_exceptions=True,
+        )
     for result in results:  # the first bad image in request order, whichever failed first
         if isinstance(result, BaseException):
             raise result
