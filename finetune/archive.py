@@ -31,6 +31,7 @@ from .errors import DatasetError, FolderNameClashError, UnsafeArchiveError
 from .tempdb import temp_db
 
 _CHUNK = 1 << 20
+_DIRECTORY_BUFFER = 1 << 16  # the central directory is read this much at a time
 # Names that operating systems add to archives; they are ignored silently, never reported.
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db"})
 JUNK_DIRS = frozenset({"__MACOSX"})
@@ -416,7 +417,7 @@ class _LazyZipFile(zipfile.ZipFile):
         size_cd, concat = self._size_cd, self._concat
         with open(self.filename, "rb") as raw:
             raw.seek(self.start_dir)
-            fp = io.BufferedReader(_Limited(raw, size_cd), buffer_size=1 << 20)
+            fp = io.BufferedReader(_Limited(raw, size_cd), buffer_size=_DIRECTORY_BUFFER)
             total = 0
             while total < size_cd:
                 header = fp.read(zipfile.sizeCentralDir)  # type: ignore[attr-defined]
