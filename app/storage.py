@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -139,7 +140,7 @@ class Storage:
         p = self.path(key)
         if p.is_file():
             return p.stat().st_size
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        return tree_bytes(p)
 
     def touch_own_temp(self) -> None:
         """Refresh the times of this process's live tmp/ entries (so no other process takes them for stale)."""
@@ -183,3 +184,15 @@ class Storage:
         if removed:
             log.info("removed %d tmp/ entries (this process's, or stale)", len(removed))
         return removed
+
+
+def tree_bytes(folder: Path) -> int:
+    """The bytes of the regular files under ``folder`` (links not followed), read a folder at a time
+    (``Path.rglob`` remembers every path it yields: memory that grows with the files)."""
+    total = 0
+    for dirpath, _, filenames in os.walk(folder):
+        for name in filenames:
+            st = os.lstat(os.path.join(dirpath, name))
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+    return total

@@ -13,20 +13,25 @@ same name are refused (``FolderNameClashError``), never merged.
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import sqlite3
 import stat
+import struct
 import unicodedata
 import uuid
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import DatasetError, FolderNameClashError, UnsafeArchiveError
+from .tempdb import temp_db
 
 _CHUNK = 1 << 20
+_DIRECTORY_BUFFER = 1 << 16  # the central directory is read this much at a time
 # Names that operating systems add to archives; they are ignored silently, never reported.
 JUNK_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", "ehthumbs.db"})
 JUNK_DIRS = frozenset({"__MACOSX"})
@@ -145,30 +150,41 @@ def check_distinct_folders(names: Iterable[str], max_length: int = MAX_FOLDER_NA
 Rename = Callable[[PurePosixPath], PurePosixPath]
 
 
-@dataclass
 class StoredNames:
     """The ``rename`` hook of ``extract_zip`` (and of the service's folder uploads): maps a file's checked
     relative path to the path it is stored under, ``<cleaned folders>/<counter>``, and remembers the
     original. The counter is global, so two files never meet; two folders whose names clean up to the same
-    name (``cat`` and ``ca\\u200dt``, ``dog`` and ``dog ``) would, and are a ``FolderNameClashError``."""
+    name (``cat`` and ``ca\\u200dt``, ``dog`` and ``dog ``) would, and are a ``FolderNameClashError``.
 
-    max_folder_length: int = MAX_FOLDER_NAME
-    originals: dict[str, str] = field(default_factory=dict)  # stored path -> original path
-    _seen: set[str] = field(default_factory=set, repr=False)
-    # cleaned folder path -> the original folder path it stands for
-    _folders: dict[tuple[str, ...], tuple[str, ...]] = field(default_factory=dict, repr=False)
+    The names it has seen live in a temporary on-disk SQLite file, not in Python objects: an archive of a
+    million files is renamed with flat memory (only the folders, a few, are kept in memory)."""
+
+    def __init__(self, max_folder_length: int = MAX_FOLDER_NAME) -> None:
+        self.max_folder_length = max_folder_length
+        self.count = 0
+        self._db: sqlite3.Connection | None = None
+        # cleaned folder path -> the original folder path it stands for
+        self._folders: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def __call__(self, relative: PurePosixPath) -> PurePosixPath:
         if not relative.parts:
             raise UnsafeArchiveError("an entry has no name")
-        if str(relative) in self._seen:
+        original = path_key(str(relative))
+        db = self._conn()
+        if db.execute("SELECT 1 FROM names WHERE original = ?", (original,)).fetchone():
             raise UnsafeArchiveError(f"archive has the entry {_short(str(relative))} twice")
-        self._seen.add(str(relative))
         folders = [clean_folder_name(p, self.max_folder_length) for p in relative.parts[:-1]]
         self._claim(tuple(folders), relative.parts[:-1])
-        stored = PurePosixPath(*folders, f"{len(self.originals) + 1:06d}")
-        self.originals[str(stored)] = str(relative)
+        stored = PurePosixPath(*folders, f"{self.count + 1:06d}")
+        db.execute("INSERT INTO names VALUES (?, ?)", (path_key(str(stored)), original))
+        self.count += 1
         return stored
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = temp_db()
+            self._db.execute("CREATE TABLE names (stored BLOB PRIMARY KEY, original BLOB NOT NULL UNIQUE)")
+        return self._db
 
     def _claim(self, cleaned: tuple[str, ...], original: tuple[str, ...]) -> None:
         """Each cleaned folder stands for one original folder. Parents are claimed first, so a clash is
@@ -178,9 +194,45 @@ class StoredNames:
             if known != original[:depth]:
                 raise folder_name_clash([known[-1], original[depth - 1]], cleaned[depth - 1])
 
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(stored path, original path), in the order of the stored paths."""
+        if self._db is None:
+            return
+        for stored, original in self._db.execute("SELECT stored, original FROM names ORDER BY stored"):
+            yield path_str(stored), path_str(original)
+
+    @property
+    def originals(self) -> dict[str, str]:
+        """{stored path: original path}, in memory: for small uploads and tests (``items`` streams them)."""
+        return dict(self.items())
+
     def write(self, folder: Path) -> None:
-        """Keep the original names beside the files they belong to (``folder / NAMES_FILE``)."""
-        (folder / NAMES_FILE).write_text(json.dumps(self.originals, ensure_ascii=False, sort_keys=True))
+        """Keep the original names beside the files they belong to (``folder / NAMES_FILE``), one name a
+        line (``iter_names`` reads it back a line at a time; it is JSON all the same)."""
+        with open(folder / NAMES_FILE, "w", encoding="utf-8") as f:
+            f.write("{")
+            for i, (stored, original) in enumerate(self.items()):
+                f.write(("\n" if i == 0 else ",\n") + _json_pair(stored, original))
+            f.write("\n}" if self.count else "}")
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _json_pair(key: str, value: str) -> str:
+    return json.dumps(key, ensure_ascii=False) + ": " + json.dumps(value, ensure_ascii=False)
+
+
+def path_key(path: str) -> bytes:
+    """A path as SQLite keeps it: UTF-8 bytes (lone surrogates from undecodable file names included), so
+    that SQLite orders paths exactly as Python orders the strings (by code point)."""
+    return path.encode("utf-8", "surrogatepass")
+
+
+def path_str(key: bytes) -> str:
+    return key.decode("utf-8", "surrogatepass")
 
 
 def read_names(folder: Path) -> dict[str, str]:
@@ -194,6 +246,37 @@ def read_names(folder: Path) -> dict[str, str]:
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise DatasetError(f"{folder / NAMES_FILE} is not a mapping of stored to original names")
     return data
+
+
+def iter_names(folder: Path) -> Iterator[tuple[str, str]]:
+    """``read_names`` a name at a time: the files ``StoredNames.write`` writes (one name a line) are read
+    line by line; any other (older) names file is read whole."""
+    path = folder / NAMES_FILE
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise DatasetError(f"{path} is unreadable: {e}") from None
+    with f:
+        try:
+            first = f.readline()
+            if first != "{\n":
+                yield from read_names(folder).items()
+                return
+            for line in f:
+                if line == "}":
+                    return
+                item = json.loads("{" + line.rstrip("\n").removesuffix(",") + "}")
+                if len(item) != 1:
+                    raise ValueError(f"not one name a line: {line[:80]!r}")
+                ((stored, original),) = item.items()
+                if not isinstance(original, str):
+                    raise DatasetError(f"{path} is not a mapping of stored to original names")
+                yield stored, original
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{path} is unreadable: {e}") from None
+        raise DatasetError(f"{path} is unreadable: it ends early")
 
 
 def extract_zip(
@@ -242,24 +325,45 @@ def _extract_into(
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
     try:
-        zf = zipfile.ZipFile(archive)
+        zf = _LazyZipFile(archive)
     except zipfile.BadZipFile:
         raise DatasetError(f"{name} is not a valid zip file (corrupt or not a zip)") from None
-    except UnicodeDecodeError:  # the UTF-8 flag is set and a name is not UTF-8 (overlong forms among them)
-        raise DatasetError(f"{name} has an entry name that is not valid UTF-8 although the zip says it is") from None
     except FileNotFoundError:
         raise DatasetError(f"{archive} does not exist") from None
     with zf:
-        infos = zf.infolist()
-        if not infos:
+        # First pass: every entry is read and checked before anything is written (the entries are not kept:
+        # the second pass reads them again, so a zip of a million files is extracted with flat memory).
+        entries = 0
+        expected = 0
+        refusal: Exception | None = None  # the first entry refused, raised once the whole directory is read
+        try:
+            for info in zf.iter_infos():
+                entries += 1
+                if refusal is not None:
+                    continue
+                try:
+                    relative = _check_entry(info, limits)
+                except Exception as e:
+                    refusal = e
+                    continue
+                if relative is not None and not info.is_dir():
+                    expected += 1
+        except zipfile.BadZipFile:
+            raise DatasetError(f"{name} is not a valid zip file (corrupt or not a zip)") from None
+        except UnicodeDecodeError:  # the UTF-8 flag is set and a name is not UTF-8 (overlong forms among them)
+            raise DatasetError(
+                f"{name} has an entry name that is not valid UTF-8 although the zip says it is"
+            ) from None
+        if not entries:
             raise DatasetError(f"{name} is an empty zip file")
-        if len(infos) > limits.max_entries:
-            raise UnsafeArchiveError(f"archive has {len(infos)} entries, more than the limit of {limits.max_entries}")
-        plan = [(info, _check_entry(info, limits)) for info in infos]
-        expected = sum(1 for info, relative in plan if relative is not None and not info.is_dir())
+        if entries > limits.max_entries:
+            raise UnsafeArchiveError(f"archive has {entries} entries, more than the limit of {limits.max_entries}")
+        if refusal is not None:
+            raise refusal
         total = 0
         files = 0
-        for info, relative in plan:
+        for info in zf.iter_infos():
+            relative = _check_entry(info, limits)
             if relative is None or info.is_dir():
                 continue
             if rename is not None:
@@ -278,6 +382,105 @@ def _extract_into(
                 progress(files, expected)
         if files == 0:
             raise DatasetError(f"{name} holds no files")
+
+
+class _LazyZipFile(zipfile.ZipFile):
+    """A ``ZipFile`` for reading that does not load its central directory into a list of ``ZipInfo`` (a
+    few hundred bytes an entry, all at once): ``iter_infos`` reads it again, an entry at a time, each time it
+    is called. Entries are opened with ``open(info)``; lookups by name are not available. Parsing follows
+    ``zipfile.ZipFile._RealGetContents``."""
+
+    def _RealGetContents(self) -> None:  # the name zipfile calls
+        fp = self.fp
+        assert fp is not None
+        try:
+            endrec = zipfile._EndRecData(fp)  # type: ignore[attr-defined]
+        except OSError:
+            raise zipfile.BadZipFile("File is not a zip file") from None
+        if not endrec:
+            raise zipfile.BadZipFile("File is not a zip file")
+        size_cd = endrec[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+        offset_cd = endrec[zipfile._ECD_OFFSET]  # type: ignore[attr-defined]
+        self._comment = endrec[zipfile._ECD_COMMENT]  # type: ignore[attr-defined]
+        concat = endrec[zipfile._ECD_LOCATION] - size_cd - offset_cd  # type: ignore[attr-defined]
+        if endrec[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+            concat -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+        self.start_dir = offset_cd + concat
+        if self.start_dir < 0:
+            raise zipfile.BadZipFile("Bad offset for central directory")
+        self._size_cd = size_cd
+        self._concat = concat
+
+    def iter_infos(self) -> Iterator[zipfile.ZipInfo]:
+        """Every entry of the central directory, in order (``BadZipFile`` where it is corrupt)."""
+        assert isinstance(self.filename, str)
+        size_cd, concat = self._size_cd, self._concat
+        with open(self.filename, "rb") as raw:
+            raw.seek(self.start_dir)
+            fp = io.BufferedReader(_Limited(raw, size_cd), buffer_size=_DIRECTORY_BUFFER)
+            total = 0
+            while total < size_cd:
+                header = fp.read(zipfile.sizeCentralDir)  # type: ignore[attr-defined]
+                if len(header) != zipfile.sizeCentralDir:  # type: ignore[attr-defined]
+                    raise zipfile.BadZipFile("Truncated central directory")
+                centdir = struct.unpack(zipfile.structCentralDir, header)  # type: ignore[attr-defined]
+                if centdir[zipfile._CD_SIGNATURE] != zipfile.stringCentralDir:  # type: ignore[attr-defined]
+                    raise zipfile.BadZipFile("Bad magic number for central directory")
+                name_length = centdir[zipfile._CD_FILENAME_LENGTH]  # type: ignore[attr-defined]
+                extra_length = centdir[zipfile._CD_EXTRA_FIELD_LENGTH]  # type: ignore[attr-defined]
+                comment_length = centdir[zipfile._CD_COMMENT_LENGTH]  # type: ignore[attr-defined]
+                raw_name = fp.read(name_length)
+                flags = centdir[zipfile._CD_FLAG_BITS]  # type: ignore[attr-defined]
+                if flags & zipfile._MASK_UTF_FILENAME:  # type: ignore[attr-defined]
+                    filename = raw_name.decode("utf-8")
+                else:
+                    filename = raw_name.decode(getattr(self, "metadata_encoding", None) or "cp437")
+                x = zipfile.ZipInfo(filename)
+                x.extra = fp.read(extra_length)
+                x.comment = fp.read(comment_length)
+                x.header_offset = centdir[zipfile._CD_LOCAL_HEADER_OFFSET]  # type: ignore[attr-defined]
+                (
+                    x.create_version,
+                    x.create_system,
+                    x.extract_version,
+                    x.reserved,
+                    x.flag_bits,
+                    x.compress_type,
+                    t,
+                    d,
+                    x.CRC,
+                    x.compress_size,
+                    x.file_size,
+                ) = centdir[1:12]
+                if x.extract_version > zipfile.MAX_EXTRACT_VERSION:
+                    raise NotImplementedError(f"zip file version {x.extract_version / 10:.1f}")
+                x.volume, x.internal_attr, x.external_attr = centdir[15:18]
+                x._raw_time = t  # type: ignore[attr-defined]
+                x.date_time = ((d >> 9) + 1980, (d >> 5) & 0xF, d & 0x1F, t >> 11, (t >> 5) & 0x3F, (t & 0x1F) * 2)
+                x._decodeExtra()  # type: ignore[attr-defined]
+                x.header_offset = x.header_offset + concat
+                total += zipfile.sizeCentralDir + name_length + extra_length + comment_length  # type: ignore[attr-defined]
+                yield x
+
+
+class _Limited(io.RawIOBase):
+    """The next ``limit`` bytes of ``raw`` (the central directory: reading past it is reading nothing)."""
+
+    def __init__(self, raw: io.BufferedReader, limit: int) -> None:
+        self._raw = raw
+        self._left = limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self._left)
+        if n <= 0:
+            return 0
+        data = self._raw.read(n)
+        buffer[: len(data)] = data
+        self._left -= len(data)
+        return len(data)
 
 
 def _check_entry(info: zipfile.ZipInfo, limits: ArchiveLimits) -> PurePosixPath | None:
@@ -336,6 +539,9 @@ __all__ = [
     "clean_folder_name",
     "extract_zip",
     "is_junk",
+    "iter_names",
+    "path_key",
+    "path_str",
     "read_names",
     "safe_member_path",
 ]

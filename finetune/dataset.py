@@ -14,7 +14,7 @@ import os
 import random
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -293,17 +293,26 @@ def read_split_file(path: str | Path) -> dict[str, str | None]:
 
 
 def _names_below(names: dict[str, str], base: Path, root: Path) -> dict[str, str]:
-    """``names`` (relative to ``base``) for the files under ``root``, relative to ``root``. Stored paths
-    have as many parts as their originals (folders are renamed one for one), so the original loses as many
-    leading folders as the stored path."""
+    """``names`` (relative to ``base``) for the files under ``root``, relative to ``root``."""
     prefix = root.relative_to(base).parts
-    depth = len(prefix)
     out: dict[str, str] = {}
     for stored, original in names.items():
-        sp, op = PurePosixPath(stored).parts, PurePosixPath(original).parts
-        if sp[:depth] == prefix and len(sp) > depth and len(op) > depth:
-            out[str(PurePosixPath(*sp[depth:]))] = str(PurePosixPath(*op[depth:]))
+        below = name_below(stored, original, prefix)
+        if below is not None:
+            out[below[0]] = below[1]
     return out
+
+
+def name_below(stored: str, original: str, prefix: tuple[str, ...]) -> tuple[str, str] | None:
+    """A (stored, original) name relative to the folder ``prefix`` (parts, relative to the names file's
+    folder) below it, or None when the file is not under it. Stored paths have as many parts as their
+    originals (folders are renamed one for one), so the original loses as many leading folders as the
+    stored path."""
+    depth = len(prefix)
+    sp, op = PurePosixPath(stored).parts, PurePosixPath(original).parts
+    if sp[:depth] == prefix and len(sp) > depth and len(op) > depth:
+        return str(PurePosixPath(*sp[depth:])), str(PurePosixPath(*op[depth:]))
+    return None
 
 
 def _extract_once(archive: Path, extract_dir: Path, limits: ArchiveLimits) -> Path:
@@ -359,21 +368,39 @@ def _collect_files(
     """(relative path, class, split or None) for every candidate file, plus files skipped up front."""
     candidates: list[tuple[str, str, str | None]] = []
     skipped: list[Skipped] = []
-    ignored: list[str] = []
+    for rel, class_name, split, reason in walk_candidates(root, layout):
+        if reason is not None:
+            skipped.append(Skipped(rel, reason))
+        else:
+            candidates.append((rel, class_name, split))
+    check_candidate_classes({c[1] for c in candidates}, {c[1] for c in candidates if c[0]})
+    real = [c for c in candidates if c[0]]
+    return real, skipped, ignored_folders(root, layout)
+
+
+def ignored_folders(root: Path, layout: dict[str, Path] | None) -> list[str]:
+    """The folders beside the split folders that are not a split (reported, never read)."""
+    if not layout:
+        return []
+    return sorted(
+        e.name
+        for e in _listdir(root)
+        if e.is_dir() and not is_junk(PurePosixPath(e.name)) and _SPLIT_ALIASES.get(e.name.lower()) not in layout
+    )
+
+
+def walk_candidates(root: Path, layout: dict[str, Path] | None) -> Iterator[tuple[str, str, str | None, str | None]]:
+    """(relative path, class, split or None, None) for every candidate file, in order; (relative path, "",
+    None, reason) for a file skipped up front; ("", class, split, None) for a class folder with no file
+    (an empty class folder still names a class: the check reports it clearly)."""
     tops = layout.items() if layout else [(None, root)]
-    if layout:
-        ignored = sorted(
-            e.name
-            for e in _listdir(root)
-            if e.is_dir() and not is_junk(PurePosixPath(e.name)) and _SPLIT_ALIASES.get(e.name.lower()) not in layout
-        )
     for split, top in tops:
         for entry in _listdir(top):
             rel_top = PurePosixPath(entry.path).relative_to(PurePosixPath(root))
             if is_junk(PurePosixPath(entry.name)):
                 continue
             if entry.is_file(follow_symlinks=False):
-                skipped.append(Skipped(str(rel_top), "not inside a class folder"))
+                yield str(rel_top), "", None, "not inside a class folder"
                 continue
             if not entry.is_dir(follow_symlinks=False):
                 continue
@@ -384,17 +411,18 @@ def _collect_files(
                 if is_junk(rel):
                     continue
                 found_any = True
-                candidates.append((str(rel), class_name, split))
+                yield str(rel), class_name, split, None
             if not found_any:
-                # An empty class folder still names a class: the check below reports it clearly.
-                candidates.append(("", class_name, split))
-    check_distinct_folders({c[1] for c in candidates})
-    real = [c for c in candidates if c[0]]
-    empty_classes = {c[1] for c in candidates if not c[0]} - {c[1] for c in real}
+                yield "", class_name, split, None
+
+
+def check_candidate_classes(named: set[str], with_files: set[str]) -> None:
+    """``named``: every class folder; ``with_files``: those holding a candidate file."""
+    check_distinct_folders(named)
+    empty_classes = named - with_files
     if empty_classes:
         name = min(empty_classes)
         raise DatasetError(f"class {name!r} has no usable image (its folder is empty)")
-    return real, skipped, ignored
 
 
 def _walk_files(top: Path) -> Iterator[str]:
@@ -413,9 +441,21 @@ def _verify_all(
     store: StoreFill | None,
     progress: ProgressFn | None,
 ) -> list[tuple[str, int, int] | str]:
-    """Decode each file once (threads: Pillow and hashlib release the GIL). Returns (sha, w, h) or a reason.
+    """Decode each file once. Returns (sha, w, h) or a reason, for each candidate."""
+    return list(verify_files(root, (c[0] for c in candidates), len(candidates), options, store, progress))
 
-    At most a few files per thread are in flight, so memory stays flat however many files there are."""
+
+def verify_files(
+    root: Path,
+    rels: Iterable[str],
+    total: int,
+    options: DatasetOptions,
+    store: StoreFill | None,
+    progress: ProgressFn | None,
+) -> Iterator[tuple[str, int, int] | str]:
+    """Decode each file once (threads: Pillow and hashlib release the GIL); yields (sha, w, h) or a reason,
+    in order. At most a few files per thread are in flight, so memory stays flat however many files there
+    are."""
     from .loader import ordered_map
 
     def check(rel: str) -> tuple[str, int, int] | str:
@@ -441,16 +481,12 @@ def _verify_all(
             return str(e)
         return sha, w, h
 
-    total = len(candidates)
-    results: list[tuple[str, int, int] | str] = []
     workers = options.workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        rels = [c[0] for c in candidates]
         for i, outcome in enumerate(ordered_map(pool, check, rels, ahead=4 * workers), 1):
-            results.append(outcome)
+            yield outcome
             if progress is not None and (i == total or i % 16 == 0):
                 progress(i, total)
-    return results
 
 
 def _check_classes(classes: list[str], samples: list[tuple], explicit: bool) -> None:
@@ -495,7 +531,11 @@ def _stratified_split(
 
 
 def _class_warnings(ds: Dataset) -> list[Warning_]:
-    counts = ds.counts()
+    return count_warnings(ds.counts())
+
+
+def count_warnings(counts: dict[str, dict[str, int]]) -> list[Warning_]:
+    """Imbalanced, small and val-less classes, from ``Dataset.counts()``."""
     totals = {c: sum(v.values()) for c, v in counts.items()}
     warnings: list[Warning_] = []
     biggest, smallest = max(totals.values()), min(totals.values())

@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -114,7 +114,7 @@ def shard_batches(
     return global_batches, [g[rank::ranks] for g in global_batches]
 
 
-def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Sequence[T], *, ahead: int) -> Iterator[R]:
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], *, ahead: int) -> Iterator[R]:
     """``pool.map`` that keeps at most ``ahead`` results in flight (bounded memory) and yields in order."""
     pending: deque[Future[R]] = deque()
     it = iter(items)

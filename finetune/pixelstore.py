@@ -59,6 +59,7 @@ import numpy as np
 
 from .checkpoint import fsync_dir
 from .errors import InputError
+from .tempdb import temp_db
 
 log = logging.getLogger(__name__)
 
@@ -230,15 +231,15 @@ class PixelStore:
                 log.warning("pixel store: dropping unreadable shard %s (%s)", path.name, e)
                 path.unlink(missing_ok=True)
                 continue
-            self._insert_shard(path.stem, path.stat().st_size, index)
+            self._insert_shard(path.stem, path.stat().st_size, index, len(index))
         log.info("pixel store: catalog rebuilt from %d shard(s)", len(list(self.shards_dir.glob("*.px"))))
 
-    def _insert_shard(self, shard: str, nbytes: int, index: Sequence[Sequence[Any]]) -> None:
+    def _insert_shard(self, shard: str, nbytes: int, index: Iterable[Sequence[Any]], count: int) -> None:
         now = time.time()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)", (shard, nbytes, len(index), now, now))
+            db.execute("INSERT OR REPLACE INTO shards VALUES (?, ?, ?, ?, ?)", (shard, nbytes, count, now, now))
             db.executemany(
                 "INSERT OR IGNORE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 ((bytes.fromhex(sha), side, shard, off, h, w, ow, oh) for sha, side, off, h, w, ow, oh in index),
@@ -394,8 +395,9 @@ class PixelStore:
         ``pin`` from birth); staged, nothing is visible until ``commit()`` (an upload being checked)."""
         return ShardWriter(self, target_shard_bytes(expected_bytes), staged=staged, pin=pin)
 
-    def _commit_shard(self, path: Path, index: list[list[Any]], pin: Pin | None) -> None:
-        """Move a sealed shard into place and make its entries visible (under the store lock)."""
+    def _commit_shard(self, path: Path, index: Iterable[Sequence[Any]], pin: Pin | None, *, count: int) -> None:
+        """Move a sealed shard into place and make its ``count`` entries (``index``, read once) visible (under
+        the store lock)."""
         shard = path.stem
         nbytes = path.stat().st_size
         with self.locked():
@@ -403,7 +405,7 @@ class PixelStore:
             target = self.shards_dir / path.name
             os.replace(path, target)
             fsync_dir(self.shards_dir)
-            self._insert_shard(shard, nbytes, index)
+            self._insert_shard(shard, nbytes, index, count)
             if pin is not None:
                 pin._add_locked({shard})
 
@@ -510,6 +512,9 @@ class Pin:
 class ShardWriter:
     """Appends decoded images to shard files under ``building/`` (thread-safe).
 
+    What it has written (each image's key and place, until its shard is committed) is kept in a temporary
+    SQLite file, not in memory: a writer that stages a million images holds what one of a hundred holds.
+
     Use as a context manager: leaving it normally commits what is left, an exception aborts."""
 
     def __init__(self, store: PixelStore, target_bytes: int, *, staged: bool, pin: Pin | None) -> None:
@@ -523,10 +528,10 @@ class ShardWriter:
         self._mutex = threading.Lock()
         self._file: IO[bytes] | None = None
         self._path: Path | None = None
-        self._index: list[list[Any]] = []
-        self._keys: set[Key] = set()
+        self._shard_no = 0  # the shard being written; its entries are those of the index with this number
+        self._index: sqlite3.Connection | None = None
         self._offset = 0
-        self._sealed: list[tuple[Path, list[list[Any]]]] = []
+        self._sealed: list[tuple[Path, int]] = []  # staged shards: (path, shard number)
         self.bytes_written = 0
         self.entries_written = 0
 
@@ -543,17 +548,19 @@ class ShardWriter:
         h, w = pixels.shape[:2]
         data = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
         with self._mutex:
-            if (sha, side) in self._keys:
-                return
             if self._file is None:
                 self._open()
-            assert self._file is not None
+            assert self._file is not None and self._index is not None
             pad = -self._offset % _ALIGN
+            added = self._index.execute(
+                "INSERT OR IGNORE INTO idx VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (self._shard_no, bytes.fromhex(sha), side, self._offset + pad, h, w, original[0], original[1]),
+            ).rowcount
+            if not added:  # written already (a duplicate image)
+                return
             if pad:
                 self._file.write(bytes(pad))
                 self._offset += pad
-            self._index.append([sha, side, self._offset, h, w, original[0], original[1]])
-            self._keys.add((sha, side))
             self._file.write(data)
             self._offset += len(data)
             self.bytes_written += len(data)
@@ -562,35 +569,63 @@ class ShardWriter:
                 self._seal()
 
     def _open(self) -> None:
+        if self._index is None:
+            self._index = temp_db()
+            self._index.execute(
+                "CREATE TABLE idx (shard INTEGER, sha BLOB, side INTEGER, offset INTEGER, height INTEGER, "
+                "width INTEGER, orig_width INTEGER, orig_height INTEGER, UNIQUE (sha, side))"
+            )
+            self._index.execute("CREATE INDEX idx_shard ON idx (shard)")
         self._path = self.folder / f"{uuid.uuid4().hex}.px"
         self._file = open(self._path, "wb")  # noqa: SIM115 - closed by _seal or abort
         self._file.write(_HEADER)
         self._offset = len(_HEADER)
-        self._index = []
+        self._shard_no += 1
+
+    def _entries(self, shard_no: int) -> Iterator[list[Any]]:
+        """The index of one shard, [[sha, side, offset, height, width, orig w, orig h], ...] in the order added."""
+        assert self._index is not None
+        rows = self._index.execute("SELECT * FROM idx WHERE shard = ? ORDER BY rowid", (shard_no,))
+        while batch := rows.fetchmany(4096):
+            for _, sha, *rest in batch:
+                yield [sha.hex(), *rest]
 
     def _seal(self) -> None:
         """Finish the current file (index, trailer, fsync); commit it unless staged."""
         assert self._file is not None and self._path is not None
-        index_bytes = json.dumps(self._index, separators=(",", ":")).encode()
-        self._file.write(index_bytes)
-        self._file.write(_TRAILER.pack(self._offset, zlib.crc32(index_bytes), _TRAILER_MAGIC))
+        crc = 0
+        count = 0
+        for i, entry in enumerate(self._entries(self._shard_no)):  # the index, as JSON, written as it is read
+            chunk = (b"[" if i == 0 else b",") + json.dumps(entry, separators=(",", ":")).encode()
+            self._file.write(chunk)
+            crc = zlib.crc32(chunk, crc)
+            count += 1
+        end = b"]" if count else b"[]"
+        self._file.write(end)
+        crc = zlib.crc32(end, crc)
+        self._file.write(_TRAILER.pack(self._offset, crc, _TRAILER_MAGIC))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        path, index = self._path, self._index
-        self._file, self._path, self._index = None, None, []
+        path = self._path
+        self._file, self._path = None, None
         if self.staged:
-            self._sealed.append((path, index))
+            self._sealed.append((path, self._shard_no))
         else:
-            self.store._commit_shard(path, index, self.pin)
+            self._commit(path, self._shard_no)
+
+    def _commit(self, path: Path, shard_no: int) -> None:
+        assert self._index is not None
+        (count,) = self._index.execute("SELECT COUNT(*) FROM idx WHERE shard = ?", (shard_no,)).fetchone()
+        self.store._commit_shard(path, self._entries(shard_no), self.pin, count=count)
 
     def commit(self) -> None:
         """Make everything written visible in the store (staged shards included)."""
         with self._mutex:
             if self._file is not None:
                 self._seal()
-            for path, index in self._sealed:
-                self.store._commit_shard(path, index, self.pin)
+            for path, shard_no in self._sealed:
+                self._commit(path, shard_no)
             self._sealed = []
             self._finish()
 
@@ -607,7 +642,10 @@ class ShardWriter:
 
     def _finish(self) -> None:
         lock, self._lock = self._lock, None
+        index, self._index = self._index, None
         try:
+            if index is not None:
+                index.close()
             shutil.rmtree(self.folder, ignore_errors=True)
         finally:
             if lock is not None:

@@ -31,9 +31,10 @@ from app.db.tables import Dataset, Job, JobStatus, User, new_id
 from app.domain_errors import Conflict, NotFound
 from app.services.uploads import INCOMING_DIR, ReceivedUpload
 from app.settings import Settings
-from app.storage import Storage
+from app.storage import Storage, tree_bytes
 from finetune.archive import ArchiveLimits, extract_zip
-from finetune.dataset import DatasetOptions, load_dataset
+from finetune.datacheck import check_folder
+from finetune.dataset import DatasetOptions
 from finetune.datastore import StoreFill
 from finetune.images import open_image
 from finetune.pixelstore import PixelStore, ShardWriter
@@ -58,9 +59,10 @@ ProgressFn = Callable[[str, int, int], None]  # (phase, done, total)
 @dataclass
 class CheckedDataset:
     folder: Path  # the images folder inside the temp dir, ready to be moved into place
-    report: dict[str, Any]
+    report: dict[str, Any]  # without its "files" when ``files`` is given
     size_bytes: int
     pixels: ShardWriter | None = None  # the decoded pixels, staged in the store until keep_pixels()
+    files: Path | None = None  # the report's file list, as the dataset's files.jsonl (moved into place)
 
     def keep_pixels(self) -> None:
         """The dataset is accepted (its row committed): its staged pixels join the store."""
@@ -108,39 +110,43 @@ def check_upload(
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, target)
         received.names.write(images)
+    received.names.close()
     shutil.rmtree(temp / INCOMING_DIR, ignore_errors=True)
     writer = store.writer(staged=True)
     options = DatasetOptions(max_pixels=settings.max_image_pixels)
     try:
         fill = StoreFill(store, UPLOAD_TIER, writer, strict=False, max_pixels=settings.max_image_pixels)
-        dataset = load_dataset(
-            images,
-            options=options,
-            store=fill,
-            progress=lambda done, total: report_progress("checking", done, total),
-        )
+        # Per-file records stay in a temporary file, not in this process's memory: a check of a million
+        # images holds what a check of a hundred holds.
+        with check_folder(
+            images, options=options, store=fill, progress=lambda done, total: report_progress("checking", done, total)
+        ) as dataset:
+            report_progress("storing", 0, 0)
+            report = dict(dataset.report)
+            # The images folder may have a single wrapper folder the engine descended into; keep that
+            # relative root so file paths in the report resolve, and never show the server's absolute paths.
+            report["root"] = str(dataset.root.relative_to(images)) if dataset.root != images else "."
+            files = temp / FILES_FILE
+            report["samples"] = _write_files(dataset.files(), dataset.classes, files)
     except BaseException:
         writer.abort()
         raise
-    report_progress("storing", 0, 0)
-    report = dataset.report()
-    # The images folder may have a single wrapper folder the engine descended into; keep that relative
-    # root so file paths in the report resolve, and never show the server's absolute paths.
-    report["root"] = str(dataset.root.relative_to(images)) if dataset.root != images else "."
-    report["samples"] = _samples(report["files"], report["classes"])
     # What drew the split: a job with the same seed and fractions trains on exactly this split.
     report["split_options"] = split_options(options.seed, options.val_fraction, options.test_fraction)
-    size = sum(f.stat().st_size for f in images.rglob("*") if f.is_file())
-    return CheckedDataset(images, report, size, writer)
+    size = tree_bytes(images)
+    return CheckedDataset(images, report, size, writer, files)
 
 
-def _samples(files: list[dict[str, str]], classes: list[str]) -> dict[str, list[dict[str, Any]]]:
-    """A few files per class for thumbnails: {class: [{"index": position in the file list, "stored": path}]}."""
+def _write_files(files: Iterator[dict[str, str]], classes: list[str], path: Path) -> dict[str, list[dict[str, Any]]]:
+    """Write the file list as ``FILES_FILE`` (one file a line) and return a few files per class for
+    thumbnails: {class: [{"index": position in the file list, "stored": path}]}."""
     picks: dict[str, list[dict[str, Any]]] = {c: [] for c in classes}
-    for i, f in enumerate(files):
-        chosen = picks[f["class"]]
-        if len(chosen) < THUMBNAILS_PER_CLASS:
-            chosen.append({"index": i, "stored": f.get("stored", f["path"])})
+    with open(path, "w") as out:
+        for i, f in enumerate(files):
+            out.write(json.dumps(f, separators=(",", ":")) + "\n")
+            chosen = picks[f["class"]]
+            if len(chosen) < THUMBNAILS_PER_CLASS:
+                chosen.append({"index": i, "stored": f.get("stored", f["path"])})
     return picks
 
 
@@ -187,10 +193,12 @@ def accept(session: Session, storage: Storage, dataset_id: str, checked: Checked
     report = checked.report
     target = storage.path(dataset.storage_key)
     target.mkdir(parents=True)
-    files = report.get("files", [])
-    with open(target / FILES_FILE, "w") as f:
-        for entry in files:
-            f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+    if checked.files is not None:
+        os.replace(checked.files, target / FILES_FILE)
+    else:
+        with open(target / FILES_FILE, "w") as f:
+            for entry in report.get("files", []):
+                f.write(json.dumps(entry, separators=(",", ":")) + "\n")
     full = {k: v for k, v in report.items() if k != "files"}
     (target / REPORT_FILE).write_text(json.dumps(full))
     checked.folder.rename(target / IMAGES_DIR)

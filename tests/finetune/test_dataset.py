@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from finetune.archive import ArchiveLimits
+from finetune.datacheck import check_folder
 from finetune.dataset import Dataset, DatasetOptions, load_dataset
 from finetune.datastore import load_into_store, open_store
 from finetune.errors import ConfigError, DatasetError, FolderNameClashError, UnsafeArchiveError
@@ -47,7 +48,24 @@ def two_classes(n: int = 4, seed: int = 0) -> dict[str, bytes]:
 
 
 def load(root: Path, **options: object) -> Dataset:
-    return load_dataset(root, options=DatasetOptions(**options))  # type: ignore[arg-type]
+    """``load_dataset``, checking on the way that the service's flat-memory check (``check_folder``) gives
+    the same report, file list and errors."""
+    opts = DatasetOptions(**options)  # type: ignore[arg-type]
+    comparable = root.is_dir() and opts.files is None and not opts.evaluate_only  # what uploads are checked with
+    try:
+        ds = load_dataset(root, options=opts)
+    except Exception as e:
+        if not isinstance(e, ConfigError) and comparable:
+            with pytest.raises(type(e)) as streamed:
+                check_folder(root, options=opts).close()
+            assert str(streamed.value) == str(e)
+        raise
+    if comparable:
+        with check_folder(root, options=opts) as checked:
+            expected = ds.report()
+            assert list(checked.files()) == expected.pop("files")
+            assert checked.report == expected
+    return ds
 
 
 # -- datasets that cannot be used ------------------------------------------------------------------------
