@@ -15,6 +15,7 @@ from finetune.models import (
     forward_logits,
     head_module,
     head_names,
+    inference_model,
     parameter_groups,
     preprocessing_for,
 )
@@ -90,3 +91,21 @@ def test_bad_arguments_are_input_errors() -> None:
         build_model("lenet", 1, "none")
     with pytest.raises(WeightsError, match="no ImageNet weights"):
         build_model("lenet", 3, "imagenet")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "googlenet"])
+def test_inference_folds_every_batch_norm_without_tracing(arch: str) -> None:
+    """Folded by walking the modules: an fx trace would patch nn.Module.__call__ for the whole process
+    while it ran, breaking other threads' forward passes and exports."""
+    model = build_model(arch, 3, weights="none").model
+    for m in model.modules():  # running statistics of a trained network, not the identity ones
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    folded = inference_model(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert not folded.training and model.training  # a copy; the original is untouched
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        expected, got = forward_logits(model.eval(), x)[0], forward_logits(folded, x)[0]
+    assert torch.allclose(got, expected, atol=1e-4)
