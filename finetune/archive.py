@@ -350,6 +350,11 @@ def _extract_into(
                     expected += 1
         except zipfile.BadZipFile:
             raise DatasetError(f"{name} is not a valid zip file (corrupt or not a zip)") from None
+        except NotImplementedError as e:  # an entry needs a newer zip format than Python's zipfile reads
+            raise DatasetError(
+                f"{name} uses a {str(e).replace('zip file', 'zip format')} feature this server cannot read: "
+                "zip it again with a standard tool"
+            ) from None
         except UnicodeDecodeError:  # the UTF-8 flag is set and a name is not UTF-8 (overlong forms among them)
             raise DatasetError(
                 f"{name} has an entry name that is not valid UTF-8 although the zip says it is"

@@ -183,3 +183,15 @@ def test_entry_names_that_are_not_utf8_despite_the_flag_are_a_dataset_error(tmp_
     assert data.count("é".encode()) == 2  # the local and the central header
     archive.write_bytes(data.replace("é".encode(), b"\xc0\xaf"))
     _extract_fails(archive, tmp_path / "out", DatasetError, "not valid UTF-8")
+
+
+def test_a_zip_needing_a_newer_format_version_is_a_dataset_error(tmp_path: Path) -> None:
+    """An entry whose "version needed to extract" is past what zipfile reads (9.9 > 6.3): refused with the
+    reason, not a server error."""
+    (a,) = distinct_pngs(1)
+    archive = write_zip(tmp_path / "new.zip", [("red/a.png", a), ("blue/a.png", a)])
+    data = bytearray(archive.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    data[central + 6 : central + 8] = (99).to_bytes(2, "little")
+    archive.write_bytes(bytes(data))
+    _extract_fails(archive, tmp_path / "out", DatasetError, "zip format version 9.9")
