@@ -8,8 +8,8 @@ images: a 25 % crop of a 28 px digit leaves a 14 px fragment, and a flipped "7" 
 
 - image size: the images' median short side rounded up to a multiple of 8, never more than twice it, at
   least the architecture's smallest input and at most its usual size;
-- crop scale: mild (0.6-0.85 of the area) for images under 64 px, more room as they grow, a little
-  stronger with few images per class and milder with many;
+- crop scale: barely a crop (0.85 of the area) for images under 16 px, mild (0.6-0.85) under 64 px, more
+  room as they grow, a little stronger with few images per class and milder with many;
 - flips: off from random initialisation on images under 64 px (glyphs, digits, icons: orientation is
   often the class);
 - label smoothing: 0.1 only with pretrained weights and at least 100 images per class. A small network
@@ -37,7 +37,12 @@ from typing import Any
 from .config import DEFAULT_EPOCHS, TrainConfig
 from .models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT, default_image_size
 
-SMALL_IMAGE = 64  # px: below this, from random initialisation, augmentation is mild and flips are off
+# px: below TINY_IMAGE a crop is barely one (the 8 px digits of bench/quality.py, LeNet, 10 training seeds:
+# min crop scale 0.7 gave 0.977 test accuracy, 0.85 gave 0.984; at 28 px 0.7 stays the best of its search);
+# below SMALL_IMAGE, from random initialisation, augmentation is mild and flips are off
+TINY_IMAGE = 16
+SMALL_IMAGE = 64
+MILDEST_CROP = 0.9  # some scale jitter is always kept: with none LeNet lost 2-3 points on both quality sets
 MEDIUM_IMAGE = 160
 FEW_PER_CLASS = 100
 MANY_PER_CLASS = 1000
@@ -152,7 +157,9 @@ def _crop_scale(pretrained: bool, facts: DataFacts | None) -> Choice:
         why = "the ImageNet recipe" if pretrained else "the ImageNet recipe (the images' sizes are unknown)"
         return Choice("crop_scale_min", PRETRAINED_CROP_SCALE, f"min crop scale {PRETRAINED_CROP_SCALE}: {why}")
     side, per_class = facts.median_side, facts.per_class
-    if side < SMALL_IMAGE:
+    if side < TINY_IMAGE:
+        scale, why = 0.85, f"{_px(side)} images have no pixels to spare: only the mildest crops keep their content"
+    elif side < SMALL_IMAGE:
         scale, why = 0.7, f"{_px(side)} images keep their content only under mild crops"
     elif side < MEDIUM_IMAGE:
         scale, why = 0.5, f"{_px(side)} images take moderate crops"
@@ -162,7 +169,7 @@ def _crop_scale(pretrained: bool, facts: DataFacts | None) -> Choice:
         scale, why = scale - 0.1, why + f"; stronger with {per_class:.0f} images per class"
     elif per_class >= MANY_PER_CLASS:
         scale, why = scale + 0.15, why + f"; milder with {per_class:.0f} images per class"
-    scale = round(scale, 2)
+    scale = round(min(scale, MILDEST_CROP), 2)
     return Choice("crop_scale_min", scale, f"min crop scale {scale}: {why} (a 25% crop would halve their side)")
 
 

@@ -50,6 +50,13 @@ def test_28px_images_from_random_init_train_near_their_size_with_mild_augmentati
     assert tiny.value == 32 and "smallest input resnet18 takes" in tiny.reason
 
 
+def test_the_tiniest_images_are_barely_cropped_and_always_jittered_a_little() -> None:
+    assert _chosen("lenet", "none", 8, train=1258)["crop_scale_min"].value == 0.85  # 8 px digits, 126 per class
+    assert _chosen("lenet", "none", 28, train=2100)["crop_scale_min"].value == 0.7
+    assert _chosen("lenet", "none", 8, train=20000)["crop_scale_min"].value == 0.9  # milder, never none
+    assert _chosen("lenet", "none", 8, train=500)["crop_scale_min"].value == 0.75  # 50 per class: stronger
+
+
 def test_300px_images_from_random_init_stay_at_the_architectures_size() -> None:
     chosen = _chosen("resnet18", "none", 300, train=600, classes=3)
     assert chosen["image_size"].value == 224 and "300 px" in chosen["image_size"].reason
