@@ -356,6 +356,9 @@ def _serving_lines(s: dict[str, Any]) -> list[str]:
     ]
     served = p["served"]["loaded_here"]
     int8 = p["int8_check"]
+    cells = [c for t in p["sizes"].values() for row in t["rows"] for c in row.values() if isinstance(c, dict)]
+    cpu = [c["client_cpu_ms_per_request"] for c in cells if "client_cpu_ms_per_request" in c]
+    client_cpu = sum(cpu) / len(cpu) if cpu else None
     lines = [
         "## Serving: our predict endpoint, TorchServe and a naive FastAPI endpoint (one run)",
         "",
@@ -363,7 +366,10 @@ def _serving_lines(s: dict[str, Any]) -> list[str]:
         "(random init, 1 epoch); the same weights in TorchServe 0.12 (torchvision transforms, eager float32, one "
         "worker; batched: batch 8 / 10 ms) and in the naive endpoint (multipart, batch 1). Closed loop, "
         f"{p['duration_s']:.0f} s per cell after a 2 s warm-up, 64 distinct JPEGs per size, raw JPEG bodies "
-        "(naive: multipart); the load generator runs on the same machine. Requests/s, p50 / p99 ms.",
+        "(naive: multipart); the load generator (`bench/loadgen.py`: requests prepared as bytes, sent over "
+        "keep-alive asyncio streams, as wrk does) runs on the same machine"
+        + (f" and spent {client_cpu:.2f} ms of CPU per request" if client_cpu is not None else "")
+        + ". Requests/s, p50 / p99 ms.",
         f"Ours served fp32 with `{served['runtime']}` (chosen by measurement: "
         + ", ".join(
             f"{k} {v:.0f}"
