@@ -356,8 +356,8 @@ def _serving_lines(s: dict[str, Any]) -> list[str]:
     ]
     served = p["served"]["loaded_here"]
     int8 = p["int8_check"]
-    cells = [c for t in p["sizes"].values() for row in t["rows"] for c in row.values() if isinstance(c, dict)]
-    cpu = [c["client_cpu_ms_per_request"] for c in cells if "client_cpu_ms_per_request" in c]
+    measured = [c for t in p["sizes"].values() for row in t["rows"] for c in row.values() if isinstance(c, dict)]
+    cpu = [c["client_cpu_ms_per_request"] for c in measured if "client_cpu_ms_per_request" in c]
     client_cpu = sum(cpu) / len(cpu) if cpu else None
     lines = [
         "## Serving: our predict endpoint, TorchServe and a naive FastAPI endpoint (one run)",
