@@ -282,13 +282,38 @@ def serving_network(predictor: Any) -> ServingNetwork:
 _TRACING = threading.Lock()
 
 
-@contextmanager
-def _quiet() -> Iterator[None]:
-    # The tracing exporters warn that they are deprecated in favour of torch.export; they remain the
-    # fast, dependency-free path for these static convolutional networks (torch is pinned in pyproject).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+class _Quiet:
+    """Warnings off while any thread is inside: the tracing exporters warn that they are deprecated in favour
+    of torch.export; they remain the fast, dependency-free path for these static convolutional networks
+    (torch is pinned in pyproject). ``warnings.catch_warnings`` saves and restores one process-wide filter
+    list, so two threads nesting it out of order undo each other (one restored the filters while the other
+    was still tracing, and its warning got through: CI, with warnings as errors). So the first thread in
+    saves the filters and the last one out restores them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved: warnings.catch_warnings | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = warnings.catch_warnings()
+                self._saved.__enter__()
+                warnings.simplefilter("ignore")
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0 and self._saved is not None:
+                    self._saved.__exit__(None, None, None)
+                    self._saved = None
+
+
+_quiet = _Quiet()
 
 
 def write_onnx(predictor: Any, path: Path, metadata: dict[str, Any]) -> None:

@@ -233,6 +233,33 @@ def test_the_parity_check_finds_the_runs_images_from_any_working_folder(
     assert result.record["parity"]["split"] == "test" and result.record["parity"]["images"] > 0
 
 
+def test_exporters_warnings_stay_off_until_the_last_thread_leaves() -> None:
+    # Thread A goes quiet, then this thread, then A leaves first (an export finishing while a model loads):
+    # with catch_warnings per thread, A's exit restored the filters under this thread's feet, and under
+    # pytest's warnings-as-errors the exporter's deprecation warning failed an export in CI.
+    import threading
+    import warnings
+
+    from finetune.export import _quiet
+
+    before = list(warnings.filters)
+    entered, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with _quiet():
+            entered.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    assert entered.wait(5)
+    with _quiet():
+        leave.set()
+        thread.join(5)
+        warnings.warn("torch.jit.trace is deprecated", FutureWarning, stacklevel=1)  # an error if not quiet
+    assert warnings.filters == before
+
+
 def test_exports_of_two_runs_at_once_in_one_process(tmp_path: Path) -> None:
     # The service exports one model in a request thread while another thread exports a second one to
     # serve it; torch's exporters keep process-global state, so they must take turns.
