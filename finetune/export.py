@@ -282,38 +282,16 @@ def serving_network(predictor: Any) -> ServingNetwork:
 _TRACING = threading.Lock()
 
 
-class _Quiet:
-    """Warnings off while any thread is inside: the tracing exporters warn that they are deprecated in favour
-    of torch.export; they remain the fast, dependency-free path for these static convolutional networks
-    (torch is pinned in pyproject). ``warnings.catch_warnings`` saves and restores one process-wide filter
-    list, so two threads nesting it out of order undo each other (one restored the filters while the other
-    was still tracing, and its warning got through: CI, with warnings as errors). So the first thread in
-    saves the filters and the last one out restores them."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._inside = 0
-        self._saved: warnings.catch_warnings | None = None
-
-    @contextmanager
-    def __call__(self) -> Iterator[None]:
-        with self._lock:
-            if self._inside == 0:
-                self._saved = warnings.catch_warnings()
-                self._saved.__enter__()
-                warnings.simplefilter("ignore")
-            self._inside += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._inside -= 1
-                if self._inside == 0 and self._saved is not None:
-                    self._saved.__exit__(None, None, None)
-                    self._saved = None
-
-
-_quiet = _Quiet()
+# The tracing exporters warn that they are deprecated in favour of torch.export; they remain the fast,
+# dependency-free path for these static convolutional networks (torch is pinned in pyproject). Those warnings
+# are filtered once, here, by category and origin, rather than around each call with catch_warnings: that
+# saves and restores one process-wide filter list, so a thread leaving it undid what another thread (FastAPI
+# building a route, another export) had set meanwhile (CI: warnings that thread had silenced got through).
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit\.")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+warnings.filterwarnings(
+    "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
+)
 
 
 def write_onnx(predictor: Any, path: Path, metadata: dict[str, Any]) -> None:
@@ -322,7 +300,7 @@ def write_onnx(predictor: Any, path: Path, metadata: dict[str, Any]) -> None:
     net = serving_network(predictor)
     crop = predictor.preprocessing.crop_size
     example = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
-    with _TRACING, _quiet(), torch.no_grad():
+    with _TRACING, torch.no_grad():
         torch.onnx.export(
             net,
             (example,),
@@ -356,7 +334,7 @@ def set_onnx_metadata(model: Any, metadata: dict[str, Any]) -> None:
 def write_torchscript(predictor: Any, path: Path, metadata: dict[str, Any]) -> None:
     net = serving_network(predictor)
     crop = predictor.preprocessing.crop_size
-    with _TRACING, _quiet(), torch.no_grad():
+    with _TRACING, torch.no_grad():
         traced = torch.jit.trace(net, torch.zeros(2, crop, crop, 3, dtype=torch.uint8))
         torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata, sort_keys=True)})
 
@@ -378,18 +356,17 @@ def write_int8(fp32_path: Path, path: Path, calibration: np.ndarray, metadata: d
 
     with tempfile.TemporaryDirectory(prefix="int8-", dir=path.parent) as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        with _quiet():
-            quant_pre_process(str(fp32_path), str(prepared))
-            quantize_static(
-                str(prepared),
-                str(path),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=_float_nodes(onnx.load(str(prepared))),
-            )
+        quant_pre_process(str(fp32_path), str(prepared))
+        quantize_static(
+            str(prepared),
+            str(path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=_float_nodes(onnx.load(str(prepared))),
+        )
     model = onnx.load(str(path))
     set_onnx_metadata(model, metadata)
     onnx.save(model, str(path))
@@ -431,8 +408,7 @@ def onnx_probabilities(session: Any) -> ProbabilityFn:
 
 
 def torchscript_probabilities(path: Path) -> ProbabilityFn:
-    with _quiet():
-        module = torch.jit.load(str(path), map_location="cpu")
+    module = torch.jit.load(str(path), map_location="cpu")
 
     def run(crops: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -452,8 +428,7 @@ def read_metadata(fmt: str, path: Path) -> dict[str, Any]:
     try:
         if fmt == TORCHSCRIPT:
             extra = {f"{METADATA_KEY}.json": ""}
-            with _quiet():
-                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             return dict(json.loads(extra[f"{METADATA_KEY}.json"]))
         import onnx
 
