@@ -42,7 +42,7 @@ from .models import MIN_IMAGE_SIZE, MIN_IMAGE_SIZE_DEFAULT, default_image_size
 # below SMALL_IMAGE, from random initialisation, augmentation is mild and flips are off
 TINY_IMAGE = 16
 SMALL_IMAGE = 64
-MILDEST_CROP = 0.9  # some scale jitter is always kept: with none LeNet lost 2-3 points on both quality sets
+MILDEST_CROP = 0.9  # some scale jitter is always kept: with none LeNet lost 3 to 7 points on the quality sets
 MEDIUM_IMAGE = 160
 FEW_PER_CLASS = 100
 MANY_PER_CLASS = 1000
