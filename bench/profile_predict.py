@@ -1,7 +1,7 @@
 """Where one predict request's time goes: ``python -m bench.profile_predict [--clients 1] [--seconds 15]``.
 
 Starts the real service on a fresh data folder, trains a resnet18 through its API (224 px, 1 epoch), lets it
-choose its runtime, then sends raw 400x300 JPEGs from ``--clients`` closed-loop clients while py-spy samples
+choose its runtime, then sends raw JPEGs (400x300 unless ``--size``) from ``--clients`` closed-loop clients while py-spy samples
 the API process (all threads, idle samples left out). Prints the share of samples per part of the request
 path: the forward pass, decoding and cropping, the event loop's own work (HTTP, routing, authentication,
 the answer), and the rest. py-spy is a tool, not a dependency: it is installed into its own environment
@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.common import free_port, service_env, start_process, stop_process, wait_http
 from bench.data import SHAPES, make_photo
 from bench.loadgen import run_load
-from bench.serving_bench import admin_key, train_served_model, wait_runtime
+from bench.serving_bench import SIZES, admin_key, train_served_model, wait_runtime
 
 TOOLS = Path.home() / ".cache" / "finetune-bench" / "tools"
 # (part, substrings of a stack's frames that put a sample there), first match wins
@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32")
+    parser.add_argument("--size", choices=tuple(SIZES), default="web", help="JPEG size, as in bench serving")
     args = parser.parse_args()
     spy = py_spy()
     work = Path(tempfile.mkdtemp(prefix="profile-predict-"))
@@ -66,7 +67,7 @@ def main() -> int:
     try:
         wait_http(f"{base}/healthz")
         model_id, _ = train_served_model(base, auth, work, True, print)
-        images = [make_photo(SHAPES[i % 4], random.Random(i)) for i in range(16)]
+        images = [make_photo(SHAPES[i % 4], random.Random(i), SIZES[args.size]) for i in range(16)]
         if args.precision == "int8":
             from bench.serving_bench import set_int8
 
