@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime=settings.predict_runtime,
         try_compile=settings.predict_compile,
         threads=settings.predict_threads,
+        lanes=settings.predict_lanes,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     install_error_handlers(app)

@@ -70,6 +70,13 @@ class Settings(BaseSettings):
         description="threads of each forward pass on a CPU (default: every core this process may use; with several "
         "API processes on one machine, give each its share)",
     )
+    predict_lanes: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="forward passes of one model that may run side by side on a CPU under load, each on its share "
+        "of the threads (ONNX Runtime); a lone request still runs on every thread. 1: one pass at a time",
+    )
     predict_compile: bool = Field(
         False, description="also measure torch.compile when choosing a model's runtime (~20 s of compiling per model)"
     )

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,11 +57,15 @@ ORT, ORT_INT8 = "onnxruntime", "onnxruntime-int8"
 
 @dataclass
 class Runtime:
-    """One way to run the model: uint8 (N, H, W, 3) -> float32 probabilities (N, C)."""
+    """One way to run the model: uint8 (N, H, W, 3) -> float32 probabilities (N, C). ``narrow``, where there
+    is one, is the same model on a share of the threads, for passes that run side by side under load
+    (``lanes`` of them: see ``app.serving.batcher``)."""
 
     name: str
     precision: str
     run: ProbabilityFn
+    narrow: ProbabilityFn | None = None
+    lanes: int = 1
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.run(batch)
@@ -121,21 +126,30 @@ def torch_runtime(predictor: Any, name: str) -> Runtime:
     return Runtime(name, precision, run)
 
 
-def ort_runtime(run_dir: Path, precision: str, predictor: Any, threads: int) -> Runtime:
-    """ONNX Runtime on the run's export (made and parity-checked now if it is not there yet)."""
+def ort_runtime(run_dir: Path, precision: str, predictor: Any, threads: int, lanes: int = 1) -> Runtime:
+    """ONNX Runtime on the run's export (made and parity-checked now if it is not there yet); with ``lanes`` > 1
+    also a narrow session of ``threads // lanes`` threads that that many passes share (ONNX Runtime runs one
+    session from several threads at once)."""
     fmt = ONNX_INT8 if precision == "int8" else ONNX
     export = export_run(run_dir, fmt, predictor=_cpu_predictor(predictor, run_dir))
     onnx_session(export.path, threads=1)  # loads now: a damaged file is refused here, not at the first request
-    sessions: list[Any] = []
+    lanes = max(1, min(lanes, threads))
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        # The serving session is made by the first call, on the thread that runs the forward passes: ONNX
-        # Runtime's worker threads inherit that thread's priority (see app.serving.cache).
-        if not sessions:
-            sessions.append(onnx_probabilities(onnx_session(export.path, threads=threads)))
-        return np.asarray(sessions[0](batch))
+    def session(width: int) -> ProbabilityFn:
+        lock, made = threading.Lock(), list[ProbabilityFn]()
 
-    return Runtime(ORT_INT8 if precision == "int8" else ORT, precision, run)
+        def run(batch: np.ndarray) -> np.ndarray:
+            # Made by the first call, on a thread that runs the forward passes: ONNX Runtime's worker threads
+            # inherit that thread's priority (see app.serving.cache).
+            with lock:
+                if not made:
+                    made.append(onnx_probabilities(onnx_session(export.path, threads=width)))
+            return np.asarray(made[0](batch))
+
+        return run
+
+    narrow = session(threads // lanes) if lanes > 1 else None
+    return Runtime(ORT_INT8 if precision == "int8" else ORT, precision, session(threads), narrow, lanes)
 
 
 def _cpu_predictor(predictor: Any, run_dir: Path) -> Any:
@@ -147,7 +161,14 @@ def _cpu_predictor(predictor: Any, run_dir: Path) -> Any:
 
 
 def candidates(
-    predictor: Any, run_dir: Path, precision: str, *, try_compile: bool, use_onnx: bool, threads: int | None = None
+    predictor: Any,
+    run_dir: Path,
+    precision: str,
+    *,
+    try_compile: bool,
+    use_onnx: bool,
+    threads: int | None = None,
+    lanes: int = 1,
 ) -> tuple[list[Runtime], str]:
     """The runtimes to measure, and a note on what was left out and why."""
     notes: list[str] = []
@@ -155,7 +176,7 @@ def candidates(
     if predictor.device.type == "cpu" and use_onnx:
         if onnx_available():
             try:
-                ort.append(ort_runtime(run_dir, precision, predictor, threads or usable_cpus()))
+                ort.append(ort_runtime(run_dir, precision, predictor, threads or usable_cpus(), lanes))
             except (ExportError, FinetuneError) as e:
                 notes.append(f"ONNX Runtime not used: {e}")
                 log.warning("model %s: ONNX Runtime not used: %s", run_dir.name, e)
@@ -248,13 +269,14 @@ def prepare(
     use_onnx: bool = True,
     remeasure: bool = False,
     threads: int | None = None,
+    lanes: int = 1,
 ) -> Prepared:
     """The slow half of choosing (exports and their parity checks): safe to run beside serving."""
     run_dir = Path(run_dir)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     options, note = candidates(
-        predictor, run_dir, precision, try_compile=try_compile, use_onnx=use_onnx, threads=threads
+        predictor, run_dir, precision, try_compile=try_compile, use_onnx=use_onnx, threads=threads, lanes=lanes
     )
     identity = checkpoint_identity(run_dir)
     key = device_key(predictor.device)
@@ -326,13 +348,16 @@ class BatchBuffer:
         return out
 
 
-def batch_forward(
-    runtime: Callable[[np.ndarray], np.ndarray], crop: int, capacity: int
-) -> Callable[[Sequence[np.ndarray]], torch.Tensor]:
-    """A forward for one thread: crops into the preallocated buffer, probabilities out as a tensor."""
-    buffer = BatchBuffer(crop, capacity)
+def batch_forward(runtime: Runtime, crop: int, capacity: int) -> Callable[[Sequence[np.ndarray], bool], torch.Tensor]:
+    """The batcher's forward: crops into a preallocated buffer (one per thread: passes may run side by side),
+    probabilities out as a tensor; ``beside`` picks the runtime's narrow form where it has one."""
+    buffers = threading.local()
 
-    def forward(crops: Sequence[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(runtime(buffer.fill(crops))))
+    def forward(crops: Sequence[np.ndarray], beside: bool = False) -> torch.Tensor:
+        buffer = getattr(buffers, "buffer", None)
+        if buffer is None:
+            buffer = buffers.buffer = BatchBuffer(crop, capacity)
+        run = runtime.narrow if beside and runtime.narrow is not None else runtime.run
+        return torch.from_numpy(np.ascontiguousarray(run(buffer.fill(crops))))
 
     return forward

@@ -6,6 +6,13 @@ them in a worker thread and resolves each future with its row. While a forward r
 up, so under load batches grow by themselves. It waits for more only while other requests for the model are
 on their way (decoding their images, see ``arriving``): a lone client's request runs at once instead of
 paying ``max_wait`` on every call.
+
+With ``lanes`` > 1 (a CPU runtime that has a narrow form), up to that many passes run side by side. A pass
+with nothing beside it and nothing queued behind it runs wide (every thread: a lone request is answered
+fastest); under load each pass runs narrow, on its share of the threads, with at most its share of
+``max_batch``. On two cores, two one-thread passes at once served 1600x1200 JPEGs from 32 clients 5-12%
+faster than one two-thread pass, with a p99 ~100 ms lower: a decode that preempts one thread of a wide pass
+stalls the whole pass, while it only slows one narrow pass.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-Forward = Callable[[Sequence[np.ndarray]], torch.Tensor]
+# (crops, beside): beside is True when another pass may run at the same time (use the narrow form)
+Forward = Callable[[Sequence[np.ndarray], bool], torch.Tensor]
 
 
 @dataclass
@@ -40,9 +48,11 @@ class MicroBatcher:
         max_wait_s: float,
         executor: Executor | None = None,
         on_batch: Callable[[int], None] | None = None,
+        lanes: int = 1,
     ) -> None:
         self.forward = forward
         self.max_batch = max(1, max_batch)
+        self.lanes = max(1, lanes)  # read at each pass: the runtime chosen later may change it
         self.max_wait_s = max(0.0, max_wait_s)
         self.executor = executor
         self.on_batch = on_batch
@@ -67,7 +77,7 @@ class MicroBatcher:
         """Class probabilities (len(arrays) x C) for preprocessed images, batched with other callers."""
         if self._closed:
             # Evicted while this request held it: finish alone rather than fail.
-            return await self._run_forward(list(arrays))
+            return await self._run_forward(list(arrays), beside=False)
         loop = asyncio.get_running_loop()
         if self._queue is None or self._loop is not loop:
             # First use, or a new event loop (an app restarted in the same process): start afresh there.
@@ -85,22 +95,28 @@ class MicroBatcher:
             raise
         return torch.stack(rows)
 
-    async def _run_forward(self, arrays: list[np.ndarray]) -> torch.Tensor:
+    async def _run_forward(self, arrays: list[np.ndarray], *, beside: bool) -> torch.Tensor:
         loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(self.executor, self.forward, arrays)
+        probs = await loop.run_in_executor(self.executor, self.forward, arrays, beside)
         if self.on_batch is not None:
             self.on_batch(len(arrays))
         return probs
 
-    async def _collect(self, queue: asyncio.Queue[_Item | None]) -> tuple[list[_Item], bool]:
-        """The next batch, and whether the batcher was closed behind it."""
+    async def _collect(
+        self, queue: asyncio.Queue[_Item | None], running: set[asyncio.Task[None]]
+    ) -> tuple[list[_Item], bool, bool]:
+        """The next batch, whether it runs beside other passes (narrow), and whether the batcher was closed
+        behind it. A pass is narrow when another is running or more requests wait than this one takes."""
         first = await queue.get()
         if first is None:
-            return [], True
+            return [], False, True
+        # Judged once the first request is here (passes may have finished while this waited for it).
+        beside = self.lanes > 1 and (bool(running) or queue.qsize() >= self.max_batch)
+        limit = max(1, -(-self.max_batch // self.lanes)) if beside else self.max_batch
         batch = [first]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.max_batch:
+        while len(batch) < limit:
             try:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
@@ -114,22 +130,36 @@ class MicroBatcher:
                 except TimeoutError:
                     break
             if item is None:
-                return batch, True
+                return batch, beside, True
             batch.append(item)
-        return batch, False
+        return batch, beside, False
 
     async def _serve(self, queue: asyncio.Queue[_Item | None]) -> None:
-        while True:
-            batch, stop = await self._collect(queue)
-            batch = [i for i in batch if not i.future.done()]  # requests cancelled while queued
-            if batch:
-                await self._process(batch)
-            if stop:
-                return
-
-    async def _process(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        running: set[asyncio.Task[None]] = set()
         try:
-            probs = await self._run_forward([i.array for i in batch])
+            while True:
+                if len(running) >= self.lanes:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch, beside, stop = await self._collect(queue, running)
+                batch = [i for i in batch if not i.future.done()]  # requests cancelled while queued
+                if batch:
+                    if self.lanes == 1:
+                        await self._process(batch, beside=False)
+                    else:
+                        task = loop.create_task(self._process(batch, beside=beside))
+                        running.add(task)
+                        task.add_done_callback(running.discard)
+                if stop:
+                    return
+        finally:
+            if running:  # closing (or cancelled): the passes in flight still answer their requests
+                await asyncio.gather(*running, return_exceptions=True)
+
+    async def _process(self, batch: list[_Item], *, beside: bool) -> None:
+        try:
+            probs = await self._run_forward([i.array for i in batch], beside=beside)
         except asyncio.CancelledError:
             for i in batch:
                 i.future.cancel()

@@ -110,7 +110,7 @@ class LoadedModel:
     model_id: str
     predictor: Predictor
     batcher: MicroBatcher
-    forward: Callable[[Sequence[np.ndarray]], torch.Tensor]
+    forward: Callable[[Sequence[np.ndarray], bool], torch.Tensor]
     precision: str = "fp32"
     runtime: str = TORCH_CHANNELS_LAST
     choice: Choice | None = None
@@ -131,6 +131,7 @@ class LoadedModel:
         self.forward = batch_forward(choice.runtime, self.predictor.preprocessing.crop_size, capacity)
         self.runtime, self.choice = choice.runtime.name, choice
         self.batcher.max_batch = max(1, capacity)
+        self.batcher.lanes = choice.runtime.lanes if choice.runtime.narrow is not None else 1
 
     async def ready(self) -> None:
         """Wait until the runtime has been chosen (or choosing it failed: PyTorch stays)."""
@@ -145,6 +146,7 @@ class LoadedModel:
             "requested_precision": self.precision,
             "choosing": self.preparing is not None and not self.preparing.done(),
             "max_batch": self.batcher.max_batch,
+            "lanes": self.batcher.lanes,
             "note": self.choice.note if self.choice else "",
         }
 
@@ -164,6 +166,7 @@ class ModelCache:
         runtime: str = "auto",
         try_compile: bool = False,
         threads: int | None = None,
+        lanes: int = 1,
     ) -> None:
         self.capacity = max(1, capacity)
         self.max_batch = max_batch
@@ -176,6 +179,7 @@ class ModelCache:
         self.use_onnx = runtime == "auto"
         self.try_compile = try_compile
         self.threads = threads
+        self.lanes = max(1, lanes)
         self._entries: OrderedDict[str, LoadedModel] = OrderedDict()
         self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
         self._discard: set[str] = set()  # evicted while loading: do not keep the result
@@ -222,7 +226,7 @@ class ModelCache:
         crop = predictor.preprocessing.crop_size
         initial = batch_forward(torch_runtime(predictor, TORCH_CHANNELS_LAST), crop, self.max_batch)
         batcher = MicroBatcher(
-            lambda arrays: entry.forward(arrays),  # looked up at each pass: the runtime may change
+            lambda arrays, beside: entry.forward(arrays, beside),  # looked up at each pass: the runtime may change
             max_batch=self.max_batch,
             max_wait_s=self.max_wait_s,
             executor=self._forward_executor(),
@@ -255,6 +259,7 @@ class ModelCache:
                     try_compile=self.try_compile,
                     use_onnx=self.use_onnx,
                     threads=self.threads,
+                    lanes=self.lanes,
                 ),
             )
             batch = min(MEASURE_BATCH, self.max_batch)
@@ -275,8 +280,8 @@ class ModelCache:
 
     def _forward_executor(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="predict-forward", initializer=lower_thread_priority
+            self._executor = ThreadPoolExecutor(  # a thread per lane (see app.serving.batcher)
+                max_workers=self.lanes, thread_name_prefix="predict-forward", initializer=lower_thread_priority
             )
         return self._executor
 

@@ -4,7 +4,10 @@ first served, and a model's cap follows its measured speed."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -17,7 +20,7 @@ from finetune.serving import Choice, Runtime
 def test_passes_hold_at_most_max_batch_images_in_arrival_order() -> None:
     sizes: list[int] = []
 
-    def forward(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    def forward(arrays: Sequence[np.ndarray], beside: bool) -> torch.Tensor:
         sizes.append(len(arrays))
         return torch.tensor([[float(a[0])] for a in arrays])
 
@@ -47,7 +50,7 @@ def test_the_cap_is_what_the_runtime_runs_in_the_batch_time() -> None:
 
 
 def _recording_batcher(sizes: list[int], max_wait_s: float) -> MicroBatcher:
-    def forward(arrays: Sequence[np.ndarray]) -> torch.Tensor:
+    def forward(arrays: Sequence[np.ndarray], beside: bool) -> torch.Tensor:
         sizes.append(len(arrays))
         return torch.zeros(len(arrays), 1)
 
@@ -85,3 +88,67 @@ def test_a_batch_waits_for_a_request_still_preparing_its_images() -> None:
 
     asyncio.run(main())
     assert sizes == [2]  # one pass for both: the first waited for the second
+
+
+class _Lanes:
+    """A forward that records each pass (images, beside) and how many ran at once."""
+
+    def __init__(self) -> None:
+        self.passes: list[tuple[int, bool]] = []
+        self.in_flight = self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, arrays: Sequence[np.ndarray], beside: bool) -> torch.Tensor:
+        with self.lock:
+            self.passes.append((len(arrays), beside))
+            self.in_flight += 1
+            self.most_at_once = max(self.most_at_once, self.in_flight)
+        time.sleep(0.02)  # long enough for the next batch to form while this one runs
+        with self.lock:
+            self.in_flight -= 1
+        return torch.tensor([[float(a[0])] for a in arrays])
+
+
+def _burst_and_lone_requests(forward: _Lanes, lanes: int) -> list[float]:
+    async def main() -> list[float]:
+        batcher = MicroBatcher(forward, max_batch=8, max_wait_s=0.004, executor=ThreadPoolExecutor(2), lanes=lanes)
+        lone = [await batcher.submit([np.array([i])]) for i in range(3)]  # one client, one request at a time
+        burst = await asyncio.gather(*(batcher.submit([np.array([i])]) for i in range(3, 40)))
+        await batcher.close()
+        return [float(a[0, 0]) for a in [*lone, *burst]]
+
+    return asyncio.run(main())
+
+
+def test_under_load_passes_run_side_by_side_on_narrow_lanes_and_a_lone_request_runs_wide() -> None:
+    forward = _Lanes()
+    assert _burst_and_lone_requests(forward, lanes=2) == [float(i) for i in range(40)]  # each its own answer
+    assert forward.passes[:3] == [(1, False)] * 3  # nothing beside them: every thread for each
+    under_load = forward.passes[3:]
+    assert forward.most_at_once == 2
+    assert any(beside for _, beside in under_load)
+    assert all(n <= 4 for n, beside in under_load if beside)  # a lane takes its share of max_batch
+    assert sum(n for n, _ in under_load) == 37
+
+
+def test_one_lane_runs_one_pass_at_a_time_on_every_thread() -> None:
+    forward = _Lanes()
+    assert _burst_and_lone_requests(forward, lanes=1) == [float(i) for i in range(40)]
+    assert forward.most_at_once == 1
+    assert not any(beside for _, beside in forward.passes)
+    assert max(n for n, _ in forward.passes) == 8
+
+
+def test_closing_answers_every_request_queued_or_in_a_pass_on_either_lane() -> None:
+    forward = _Lanes()
+
+    async def main() -> list[float]:
+        batcher = MicroBatcher(forward, max_batch=8, max_wait_s=0.004, executor=ThreadPoolExecutor(2), lanes=2)
+        requests = [asyncio.create_task(batcher.submit([np.array([i])])) for i in range(30)]
+        await asyncio.sleep(0.01)  # passes are running on both lanes, the rest queued
+        await batcher.close()
+        assert all(r.done() for r in requests)  # the close returned only once all were answered
+        return [float((await r)[0, 0]) for r in requests]
+
+    assert asyncio.run(main()) == [float(i) for i in range(30)]
+    assert forward.most_at_once == 2

@@ -20,6 +20,7 @@ from app.services.keycache import PredictLookups
 from app.settings import Settings
 from finetune.export import serving_network
 from finetune.predict import Predictor
+from finetune.serving import usable_cpus
 from tests.app.conftest import COLOURS, assert_error, make_account, make_image, wait_until
 from tests.app.test_models_api import TrainedRun, add_model, run_dir, train_once
 
@@ -135,6 +136,8 @@ def test_the_service_serves_the_runtime_it_measured_fastest(client: TestClient, 
     assert info["runtime"] == fp32["winner"] == max(fp32["images_per_sec"], key=fp32["images_per_sec"].get)
     # Its batches are capped at what it runs in predict_batch_ms (100) at its measured speed, at most 32.
     assert info["max_batch"] == max(1, min(32, int(fp32["images_per_sec"][fp32["winner"]] * 0.1)))
+    # ONNX Runtime passes may run side by side under load (predict_lanes, 2), one per core at most.
+    assert info["lanes"] == (min(2, usable_cpus()) if info["runtime"] == "onnxruntime" else 1)
     # Whatever won, the answer is the one PyTorch gave before the switch.
     again = predict(client, model_id, png("blue")).json()
     a, b = first["predictions"][0]["labels"], again["predictions"][0]["labels"]

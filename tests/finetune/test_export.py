@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from finetune.export import (
 )
 from finetune.models import ARCHITECTURES
 from finetune.predict import Predictor
-from finetune.serving import ORT, TORCH_CHANNELS_LAST, TORCH_EAGER, candidates, select_runtime
+from finetune.serving import ORT, TORCH_CHANNELS_LAST, TORCH_EAGER, batch_forward, candidates, select_runtime
 
 from .runs import make_run
 
@@ -166,6 +167,25 @@ def test_onnx_runtime_and_pytorch_give_the_same_top_k(resnet_run: Path) -> None:
         ), name
         assert torch.equal(probs.topk(3).indices, reference.topk(3).indices), name
         assert (probs - reference).abs().max() <= MAX_PROB_DIFF, name
+
+
+def test_the_narrow_onnx_session_answers_as_the_wide_one_from_threads_side_by_side(resnet_run: Path) -> None:
+    predictor = Predictor.from_run(resnet_run, device="cpu")
+    files = sorted(Path(json.loads((resnet_run / "dataset.json").read_text())["root"]).rglob("*.png"))
+    crops = [predictor.preprocess(f) for f in files[:6]]
+    options, _ = candidates(predictor, resnet_run, "fp32", try_compile=False, use_onnx=True, threads=2, lanes=2)
+    by_name = {r.name: r for r in options}
+    ort, torch_runtime = by_name[ORT], by_name[TORCH_CHANNELS_LAST]
+    assert ort.lanes == 2 and ort.narrow is not None
+    assert torch_runtime.narrow is None  # PyTorch passes always run one at a time
+    forward = batch_forward(ort, predictor.preprocessing.crop_size, capacity=4)
+    wide = forward(crops[:3], False)
+    # Two passes at once, on the shared narrow session, each in its own thread's buffer.
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda part: forward(part, True), (crops[:3], crops[3:]))
+    assert (first - wide).abs().max() <= MAX_PROB_DIFF
+    whole = forward(crops, False)  # more than the buffer holds: still one pass
+    assert (torch.cat([first, second]) - whole).abs().max() <= MAX_PROB_DIFF
 
 
 def test_the_choice_is_recorded_per_device_and_reused(resnet_run: Path) -> None:
