@@ -125,14 +125,11 @@ async def get_predict_principal(request: Request) -> Principal:
     lookups: PredictLookups = request.app.state.predict_lookups
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     digest = key_digest(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-    if digest is not None:
-        known = lookups.keys.get(digest)
-        if known is not None:
-            request.state.user_id = known.id
-            return known
-    principal = await run_in_threadpool(_authenticate_now, request)
-    if digest is not None:
-        lookups.keys.put(digest, principal)
+    if digest is None:
+        return await run_in_threadpool(_authenticate_now, request)
+    # One database lookup per key at a time, however many of its requests arrive while it runs.
+    principal = await lookups.keys.get_or_load(digest, lambda: run_in_threadpool(_authenticate_now, request))
+    request.state.user_id = principal.id
     return principal
 
 

@@ -10,11 +10,13 @@ across processes.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 TTL_SECONDS = 1.0
 MAX_ENTRIES = 10_000
@@ -42,13 +44,19 @@ class ModelRef:
 
 
 class TtlCache(Generic[V]):
-    """A bounded mapping whose entries expire ``ttl`` seconds after they were put (monotonic clock)."""
+    """A bounded mapping whose entries expire ``ttl`` seconds after they were put (monotonic clock).
+
+    ``get_or_load`` reads an expired or missing entry once for everyone who asks meanwhile: when an entry of
+    a busy key expires, the requests in flight for it (32 clients: 32 of them) would otherwise all miss in the
+    same moment and each run its own database lookup on the threadpool, a burst every second that queued
+    behind itself and lengthened the slowest requests."""
 
     def __init__(self, ttl: float = TTL_SECONDS, max_entries: int = MAX_ENTRIES) -> None:
         self.ttl = ttl
         self.max_entries = max_entries
         self.clock = time.monotonic
         self._items: OrderedDict[str, tuple[float, V]] = OrderedDict()
+        self._loading: dict[str, asyncio.Future[V]] = {}  # used on the event loop only: no lock
 
     def get(self, key: str) -> V | None:
         item = self._items.get(key)
@@ -65,11 +73,45 @@ class TtlCache(Generic[V]):
         while len(self._items) > self.max_entries:
             self._items.popitem(last=False)
 
+    async def get_or_load(self, key: str, load: Callable[[], Awaitable[V]]) -> V:
+        """The entry, or ``load()``'s value (remembered), with one ``load`` at a time per key. A load that
+        raises reaches everyone waiting on it and is not remembered."""
+        value = self.get(key)
+        if value is not None:
+            return value
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load(key, load))
+            pending.add_done_callback(_observed)  # its error is the callers' (if all left, nobody's)
+            self._loading[key] = pending
+        # Shielded: a caller that goes away (its client disconnected) does not cancel the others' lookup.
+        return await asyncio.shield(pending)
+
+    async def _load(self, key: str, load: Callable[[], Awaitable[V]]) -> V:
+        me = asyncio.current_task()
+        try:
+            value = await load()
+            if self._loading.get(key) is me:  # not discarded meanwhile: what was read is still current
+                self.put(key, value)
+            return value
+        finally:
+            if self._loading.get(key) is me:
+                del self._loading[key]
+
     def discard(self, key: str) -> None:
+        """Forget ``key``, and any lookup of it in flight (its value is not remembered; later callers read
+        afresh)."""
         self._items.pop(key, None)
+        self._loading.pop(key, None)
 
     def clear(self) -> None:
         self._items.clear()
+        self._loading.clear()
+
+
+def _observed(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def key_digest(key: str) -> str:

@@ -163,19 +163,16 @@ def _gradcam(predictor: Predictor, image: bodies.ReceivedImage, index: int) -> G
 async def model_ref(lookups: PredictLookups, sessions: Any, user: Principal, model_id: str) -> ModelRef:
     """The model row as predict needs it: from this process's one-second memory, else the database. The
     owner check is made on every request, remembered or not."""
-    ref = lookups.models.get(model_id)
-    if ref is None:
 
-        def read() -> ModelRef:
-            with sessions() as session:
-                # No id holds a NUL, and PostgreSQL refuses one in a query parameter.
-                row = session.get(Model, model_id) if "\x00" not in model_id else None
-                if row is None:
-                    raise NotFound("model", model_id)
-                return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision, row.threshold)
+    def read() -> ModelRef:
+        with sessions() as session:
+            # No id holds a NUL, and PostgreSQL refuses one in a query parameter.
+            row = session.get(Model, model_id) if "\x00" not in model_id else None
+            if row is None:
+                raise NotFound("model", model_id)
+            return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision, row.threshold)
 
-        ref = await run_in_threadpool(read)
-        lookups.models.put(model_id, ref)
+    ref = await lookups.models.get_or_load(model_id, lambda: run_in_threadpool(read))
     if ref.owner_id != user.id and not user.is_admin:
         raise NotFound("model", model_id)
     return ref
