@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-torchserve", action="store_true", help="serving: leave TorchServe out (it needs Java and a pip install)"
     )
     parser.add_argument("--duration", type=float, help="serving: seconds per load cell (default 10, quick 2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        help="serving: windows each cell's seconds are split into, the servers taking turns (default 3, quick 1)",
+    )
     parser.add_argument("--only", choices=("digits", "shapes"), help="quality: one dataset only")
     parser.add_argument(
         "--resnet18", action="store_true", help="quality: resnet18 from random initialisation too (slow on a CPU)"
@@ -109,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             work,
             quick=quick,
             duration=args.duration or (2 if quick else 10),
+            rounds=args.rounds or (1 if quick else 3),
             concurrencies=(1, 8) if quick else (1, 8, 32),
             torchserve=not args.no_torchserve and not quick,
             archs=("resnet18",) if quick else ("resnet18", "googlenet"),

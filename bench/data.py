@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -87,6 +88,17 @@ def make_photo(shape: str, rng: random.Random, size: tuple[int, int] = (400, 300
     return out.getvalue()
 
 
+def _made(root: Path, recipe: str) -> bool:
+    """Whether ``root`` holds a finished tree made by ``recipe``; one made by another (an earlier version of
+    a benchmark) is removed, to be made afresh."""
+    done = root / ".complete"
+    if done.exists() and done.read_text() == recipe:
+        return True
+    if root.exists():
+        shutil.rmtree(root)
+    return False
+
+
 def make_dataset(
     root: Path,
     *,
@@ -98,7 +110,8 @@ def make_dataset(
     shapes: tuple[str, ...] = SHAPES,
 ) -> Path:
     """An ImageFolder-style ``root/{train,val}/<class>/*.jpg`` tree (both arms read the same split)."""
-    if (root / ".complete").exists():
+    recipe = repr((classes, train_per_class, val_per_class, seed, size, shapes))
+    if _made(root, recipe):
         return root
     rng = random.Random(seed)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
@@ -107,7 +120,7 @@ def make_dataset(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 (folder / f"{i:04d}.jpg").write_bytes(make_photo(shape, rng, size))
-    (root / ".complete").write_text("ok")
+    (root / ".complete").write_text(recipe)
     return root
 
 
@@ -137,7 +150,8 @@ def make_split_dataset(
 ) -> Path:
     """``root/{train,val,test}/<class>/*.jpg``: an explicit split with a test set (for the export checks and
     the served model, which are judged on their test split)."""
-    if (root / ".complete").exists():
+    recipe = repr((classes, per_split, seed, size))
+    if _made(root, recipe):
         return root
     rng = random.Random(seed)
     for split, n in zip(("train", "val", "test"), per_split, strict=True):
@@ -146,7 +160,7 @@ def make_split_dataset(
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 (folder / f"{i:04d}.jpg").write_bytes(make_photo(shape, rng, size))
-    (root / ".complete").write_text("ok")
+    (root / ".complete").write_text(recipe)
     return root
 
 

@@ -18,7 +18,7 @@ import asyncio
 import resource
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -151,7 +151,13 @@ async def _run(
 
     await asyncio.gather(*(one_client(i) for i in range(concurrency)))
     cpu = _cpu_seconds() - cpu_before  # connecting and closing included: an upper bound
-    latencies.sort()
+    return _summary(concurrency, latencies, errors, duration, 1000 * cpu, exchanges)
+
+
+def _summary(
+    concurrency: int, latencies: list[float], errors: int, duration: float, cpu_ms: float, exchanges: int
+) -> dict[str, Any]:
+    latencies = sorted(latencies)
 
     def pct(p: float) -> float:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")
@@ -163,8 +169,47 @@ async def _run(
         "rps": len(latencies) / duration,
         "p50_ms": pct(0.50) * 1000,
         "p99_ms": pct(0.99) * 1000,
-        "client_cpu_ms_per_request": round(1000 * cpu / max(1, exchanges), 3),
+        "client_cpu_ms_per_request": round(cpu_ms / max(1, exchanges), 3),
+        # kept for merging rounds (``run_rounds``), dropped from what it returns
+        "_raw": {"latencies": latencies, "cpu_ms": cpu_ms, "exchanges": exchanges, "duration": duration},
     }
+
+
+def merged(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from several windows of the same load: requests over their summed time, percentiles over
+    all their latencies."""
+    raws = [p["_raw"] for p in parts]
+    out = _summary(
+        parts[0]["concurrency"],
+        [x for r in raws for x in r["latencies"]],
+        sum(p["errors"] for p in parts),
+        sum(r["duration"] for r in raws),
+        sum(r["cpu_ms"] for r in raws),
+        sum(r["exchanges"] for r in raws),
+    )
+    out.pop("_raw")
+    out["rounds"] = len(parts)
+    return out
+
+
+def run_rounds(
+    arms: dict[str, Callable[[float, float], dict[str, Any]]],
+    *,
+    duration: float,
+    rounds: int,
+    warmup: float,
+) -> dict[str, dict[str, Any]]:
+    """Each arm's figure from ``rounds`` windows of ``duration / rounds`` seconds, the arms taking turns
+    within every round (and leading in turn): on a host whose speed wanders from one minute to the next,
+    every arm sees the same stretches of it, where one long window each would compare different ones.
+    ``arms`` maps a name to ``load(duration, warmup)``, which runs one window (``run_load``)."""
+    names = list(arms)
+    parts: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(max(1, rounds)):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            parts[name].append(arms[name](duration / max(1, rounds), warmup))
+    return {name: merged(parts[name]) for name in names}
 
 
 def _cpu_seconds() -> float:
@@ -181,6 +226,8 @@ def run_load(
     duration: float,
     warmup: float = 2.0,
     headers: dict[str, str] | None = None,
+    keep_raw: bool = False,
 ) -> dict[str, Any]:
     images = [image] if isinstance(image, bytes) else list(image)
-    return asyncio.run(_run(url, field, images, concurrency, duration, warmup, headers or {}))
+    result = asyncio.run(_run(url, field, images, concurrency, duration, warmup, headers or {}))
+    return result if keep_raw else {k: v for k, v in result.items() if k != "_raw"}

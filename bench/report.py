@@ -365,7 +365,8 @@ def _serving_lines(s: dict[str, Any]) -> list[str]:
         f"`python -m bench serving{' --quick' if s.get('quick') else ''}`: resnet18 at 224 px trained through our API "
         "(random init, 1 epoch); the same weights in TorchServe 0.12 (torchvision transforms, eager float32, one "
         "worker; batched: batch 8 / 10 ms) and in the naive endpoint (multipart, batch 1). Closed loop, "
-        f"{p['duration_s']:.0f} s per cell after a 2 s warm-up, 64 distinct JPEGs per size, raw JPEG bodies "
+        + _cell_timing(p)
+        + ", 64 distinct JPEGs per size, raw JPEG bodies "
         "(naive: multipart); the load generator (`bench/loadgen.py`: requests prepared as bytes, sent over "
         "keep-alive asyncio streams, as wrk does) runs on the same machine"
         + (f" and spent {client_cpu:.2f} ms of CPU per request" if client_cpu is not None else "")
@@ -445,6 +446,18 @@ def _serving_lines(s: dict[str, Any]) -> list[str]:
             lines.append(f"- {arch} {precision}: {speeds or '(one candidate)'}; served: `{m.get('winner')}`")
     lines.append("")
     return lines
+
+
+def _cell_timing(p: dict[str, Any]) -> str:
+    rounds = int(p.get("rounds", 1))
+    warmup = float(p.get("warmup_s", 2.0))
+    if rounds == 1:
+        return f"{p['duration_s']:.0f} s per cell after a {warmup:g} s warm-up"
+    return (
+        f"{p['duration_s']:.0f} s per cell in {rounds} windows of {p['duration_s'] / rounds:.1f} s, each after a "
+        f"{warmup:g} s warm-up, the servers taking turns window by window (a host whose speed wanders gives every "
+        "server the same stretches of it)"
+    )
 
 
 QUALITY_BEGIN = "<!-- quality: begin -->"

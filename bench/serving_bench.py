@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ import httpx
 
 from bench.common import ROOT, free_port, ratio, service_env, start_process, stop_process, wait_http
 from bench.data import SHAPES, make_photo, make_split_dataset, zip_folder
-from bench.loadgen import run_load
+from bench.loadgen import run_load, run_rounds
 
 SIZES = {"small": (224, 224), "web": (400, 300), "photo": (1600, 1200)}
 POOL = 64  # distinct images per size
@@ -59,7 +60,9 @@ def admin_key(env: dict[str, str]) -> str:
 def train_served_model(base: str, auth: dict[str, str], work: Path, quick: bool, log: Any) -> tuple[str, str]:
     """A resnet18 (random init, 224 px) trained through the API on shapes with a test split."""
     data = make_split_dataset(
-        work / ("served-quick" if quick else "served"), per_split=(8, 4, 6) if quick else (24, 8, 16)
+        # 64 test images per class: one image changed by int8 is 0.39 points (the target is <= 0.5), not 1.56
+        work / ("served-quick" if quick else "served"),
+        per_split=(8, 4, 6) if quick else (24, 8, 64),
     )
     r = httpx.post(
         f"{base}/api/v1/datasets",
@@ -146,8 +149,28 @@ def start_workers(env: dict[str, str], port: int, workers: int, log_path: Path) 
     )
 
 
+def window(
+    url: str, field: str | None, headers: dict[str, str], images: list[bytes], concurrency: int
+) -> Callable[[float, float], dict[str, Any]]:
+    """One server's load for ``run_rounds``: a closed-loop window of the given seconds after a warm-up."""
+
+    def load(seconds: float, warmup: float) -> dict[str, Any]:
+        return run_load(
+            url, field, images, concurrency=concurrency, duration=seconds, warmup=warmup, headers=headers, keep_raw=True
+        )
+
+    return load
+
+
 def predict_table(
-    work: Path, *, quick: bool, duration: float, concurrencies: tuple[int, ...], torchserve: bool, log: Any
+    work: Path,
+    *,
+    quick: bool,
+    duration: float,
+    rounds: int,
+    concurrencies: tuple[int, ...],
+    torchserve: bool,
+    log: Any,
 ) -> dict[str, Any]:
     data = Path(tempfile.mkdtemp(prefix="bench-serving-", dir=work))
     env = service_env(data)
@@ -156,7 +179,14 @@ def predict_table(
     base = f"http://127.0.0.1:{port}"
     procs: list[subprocess.Popen[bytes]] = []
     ts = None
-    result: dict[str, Any] = {"duration_s": duration, "concurrencies": list(concurrencies)}
+    # Each cell's seconds in `rounds` windows, each after its own warm-up (new connections, a queue to fill).
+    warmup = 2.0 if rounds == 1 else 1.5
+    result: dict[str, Any] = {
+        "duration_s": duration,
+        "rounds": rounds,
+        "warmup_s": warmup,
+        "concurrencies": list(concurrencies),
+    }
     try:
         serve = start_process(["-m", "app.cli", "serve", "--port", str(port)], env, work / "logs" / "serving.log")
         procs.append(serve)
@@ -187,10 +217,11 @@ def predict_table(
             rows = []
             for i, c in enumerate(concurrencies):
                 order = arms[i % len(arms) :] + arms[: i % len(arms)]  # each arm leads in turn
-                row: dict[str, Any] = {"concurrency": c}
-                for arm in order:
-                    url, field, headers = urls[arm]
-                    row[arm] = run_load(url, field, images, concurrency=c, duration=duration, headers=headers)
+                loads = {arm: window(*urls[arm], images, c) for arm in order}
+                row: dict[str, Any] = {
+                    "concurrency": c,
+                    **run_rounds(loads, duration=duration, rounds=rounds, warmup=warmup),
+                }
                 rows.append(row)
                 log(
                     f"  {size} c={c}: "
@@ -210,9 +241,8 @@ def predict_table(
         )
         for size, images in pools.items():
             for row in result["sizes"][size]["rows"]:
-                row["ours_int8"] = run_load(
-                    urls["ours"][0], None, images, concurrency=row["concurrency"], duration=duration, headers=auth
-                )
+                load = window(*urls["ours"], images, row["concurrency"])
+                row["ours_int8"] = run_rounds({"int8": load}, duration=duration, rounds=rounds, warmup=warmup)["int8"]
                 log(f"  {size} c={row['concurrency']}: ours int8 {row['ours_int8']['rps']:.1f} req/s")
         if not quick:
             result["workers"] = compare_workers(
@@ -384,11 +414,18 @@ def serving(
     torchserve: bool,
     archs: tuple[str, ...],
     log: Any,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     log("serving: export parity and runtimes")
     parity = parity_table(work, archs=archs, quick=quick, log=log)
     log("serving: predict, ours vs TorchServe vs naive")
     predict = predict_table(
-        work, quick=quick, duration=duration, concurrencies=concurrencies, torchserve=torchserve, log=log
+        work,
+        quick=quick,
+        duration=duration,
+        rounds=rounds,
+        concurrencies=concurrencies,
+        torchserve=torchserve,
+        log=log,
     )
     return {"parity": parity, "predict": predict, "quick": quick}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -114,3 +115,38 @@ def test_a_refused_connection_counts_as_errors_not_a_crash() -> None:
         port = s.getsockname()[1]  # bound, never listening: connections are refused
         result = run_load(f"http://127.0.0.1:{port}/", None, b"x", concurrency=2, duration=0.3, warmup=0.0)
     assert result["requests"] == 0 and result["errors"] > 0
+
+
+def test_rounds_take_turns_and_merge_into_one_figure_per_arm() -> None:
+    from bench.loadgen import _summary, run_rounds
+
+    calls: list[tuple[str, float, float]] = []
+
+    def arm(name: str, latency: float) -> Any:
+        def load(seconds: float, warmup: float) -> dict[str, Any]:
+            calls.append((name, seconds, warmup))
+            return _summary(8, [latency] * 10, 1, seconds, 5.0, 11)
+
+        return load
+
+    out = run_rounds({"a": arm("a", 0.1), "b": arm("b", 0.3)}, duration=6.0, rounds=3, warmup=0.5)
+    # Each round runs every arm on a third of the seconds, and the arms lead in turn.
+    assert [c[0] for c in calls] == ["a", "b", "b", "a", "a", "b"]
+    assert {c[1] for c in calls} == {2.0} and {c[2] for c in calls} == {0.5}
+    a, b = out["a"], out["b"]
+    assert a["requests"] == 30 and a["errors"] == 3 and a["rps"] == pytest.approx(5.0) and a["rounds"] == 3
+    assert a["p99_ms"] == pytest.approx(100.0) and b["p50_ms"] == pytest.approx(300.0)
+    assert a["client_cpu_ms_per_request"] == pytest.approx(15.0 / 33, abs=1e-3)
+    assert "_raw" not in a
+
+
+def test_merged_windows_give_percentiles_over_every_latency(server: _Server) -> None:
+    from bench.loadgen import merged
+
+    url = f"http://127.0.0.1:{server.port}/predict"
+    parts = [run_load(url, None, b"x", concurrency=2, duration=1.0, warmup=0.0, keep_raw=True) for _ in range(2)]
+    total = merged(parts)
+    assert total["requests"] == sum(p["requests"] for p in parts) > 0
+    assert total["rps"] == pytest.approx(total["requests"] / 2.0)
+    assert min(p["p50_ms"] for p in parts) <= total["p50_ms"] <= max(p["p50_ms"] for p in parts)
+    assert "_raw" not in run_load(url, None, b"x", concurrency=1, duration=0.2, warmup=0.0)
