@@ -246,7 +246,7 @@ def predict_table(
                 log(f"  {size} c={row['concurrency']}: ours int8 {row['ours_int8']['rps']:.1f} req/s")
         if not quick:
             result["workers"] = compare_workers(
-                env, auth, model_id, pools["web"], concurrencies, duration, work, serve, log
+                env, auth, model_id, pools["web"], concurrencies, duration, rounds, warmup, work, serve, log
             )
     finally:
         if ts is not None:
@@ -264,38 +264,36 @@ def compare_workers(
     images: list[bytes],
     concurrencies: tuple[int, ...],
     duration: float,
+    rounds: int,
+    warmup: float,
     work: Path,
     serve: subprocess.Popen[bytes],
     log: Any,
 ) -> dict[str, Any]:
     """Our API as one process (the batcher sees every request) against two uvicorn workers (each with its own
-    model and batcher), int8 as set above, on the same port in turn."""
+    model and batcher), int8 as set above. Both run at once, idle but for the one being measured, taking turns
+    window by window as the servers above do."""
     stop_process(serve)  # its worker too: only the API is measured
-    out: dict[str, Any] = {}
-    for workers in (1, 2):
-        port = free_port()
-        proc = start_workers(env, port, workers, work / "logs" / f"uvicorn-{workers}.log")
-        try:
+    procs: list[subprocess.Popen[bytes]] = []
+    urls: dict[str, str] = {}
+    try:
+        for workers in (1, 2):  # one after the other: each measures its runtimes with the cores to itself
+            port = free_port()
+            procs.append(start_workers(env, port, workers, work / "logs" / f"uvicorn-{workers}.log"))
             base = f"http://127.0.0.1:{port}"
             wait_http(f"{base}/healthz")
             for _ in range(workers * 4):  # every worker loads the model and chooses its runtime
                 wait_runtime(base, auth, model_id, images[0])
-            out[str(workers)] = [
-                run_load(
-                    f"{base}/api/v1/models/{model_id}/predict",
-                    None,
-                    images,
-                    concurrency=c,
-                    duration=duration,
-                    headers=auth,
-                )
-                for c in concurrencies
-            ]
-            log(
-                f"  {workers} uvicorn worker(s): "
-                + ", ".join(f"c={r['concurrency']} {r['rps']:.1f}" for r in out[str(workers)])
-            )
-        finally:
+            urls[str(workers)] = f"{base}/api/v1/models/{model_id}/predict"
+        out: dict[str, Any] = {name: [] for name in urls}
+        for c in concurrencies:
+            loads = {name: window(url, None, auth, images, c) for name, url in urls.items()}
+            for name, figure in run_rounds(loads, duration=duration, rounds=rounds, warmup=warmup).items():
+                out[name].append(figure)
+        for name, figures in out.items():
+            log(f"  {name} uvicorn worker(s): " + ", ".join(f"c={r['concurrency']} {r['rps']:.1f}" for r in figures))
+    finally:
+        for proc in procs:
             stop_process(proc)
     return out
 
