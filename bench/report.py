@@ -152,7 +152,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         + (f"; this run took {seconds['all'] / 60:.1f} min" if "all" in seconds else "")
         + ", pretraining the backbones included (they are cached in `bench/out/work` for later runs).",
         "- `python -m bench serving`: the Serving and Export sections (~25 min: TorchServe's environment is made",
-        "  once under `~/.cache/finetune-bench/`, the backbones are pretrained once); `--no-torchserve` without it.",
+        "  once under `~/.cache/finetune-bench/`, the backbones are pretrained once); `--no-torchserve` without it;",
+        "  `--rounds N` splits each load cell into N windows with the servers taking turns (default 3).",
         "- `python -m bench full|frozen|pipeline|service [--repeats N]`: one benchmark; its figures replace that",
         "  part of `bench/out/results.json` and the report is written again from all of it.",
         "- `python -m bench ... --data FOLDER`: the training and pipeline benchmarks on your own `train/` `val/` folder.",
