@@ -32,14 +32,9 @@ def machine() -> dict[str, Any]:
     import torch
     import torchvision
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from finetune.serving import cpu_description
+
+    cpu, features = cpu_description()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -50,6 +45,7 @@ def machine() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu,
+        "cpu_features": features,
         "cores": os.cpu_count(),
         "memory_gib": mem,
         "gpu": gpu,
@@ -109,3 +105,35 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def train_through_api(
+    base: str, auth: dict[str, str], archive: bytes, name: str, what: str, log: Any, timeout: float
+) -> tuple[str, str]:
+    """Upload ``archive`` (a zip of class folders) as dataset ``name``, train a resnet18 on it through the API
+    (random init, 1 epoch, its default 224 px) and wait: (model id, job id). ``what`` names the model in
+    messages."""
+    r = httpx.post(
+        f"{base}/api/v1/datasets",
+        files={"archive": (f"{name}.zip", archive)},
+        data={"name": name},
+        headers=auth,
+        timeout=600,
+    )
+    r.raise_for_status()
+    job = httpx.post(
+        f"{base}/api/v1/jobs",
+        json={"dataset_id": r.json()["id"], "model": "resnet18", "weights": "none", "epochs": 1},
+        headers=auth,
+        timeout=30,
+    ).json()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        j = httpx.get(f"{base}/api/v1/jobs/{job['id']}", headers=auth, timeout=10).json()
+        if j["status"] in ("succeeded", "failed", "cancelled"):
+            if j["status"] != "succeeded":
+                raise RuntimeError(f"{what}'s training failed: {j.get('error')}")
+            log(f"  trained {what} (resnet18, 224 px) in job {job['id']}")
+            return str(j["model_id"]), str(job["id"])
+        time.sleep(1)
+    raise TimeoutError(f"{what}'s training did not finish")

@@ -20,7 +20,16 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, ratio, service_env, start_process, stop_process, wait_http
+from bench.common import (
+    ROOT,
+    free_port,
+    ratio,
+    service_env,
+    start_process,
+    stop_process,
+    train_through_api,
+    wait_http,
+)
 from bench.data import make_photo, make_zip
 from bench.loadgen import run_load
 
@@ -67,40 +76,10 @@ def _batch_delta(before: dict[str, float], after: dict[str, float]) -> dict[str,
 
 def _train_model(base: str, auth: dict[str, str], work: Path, log: Any) -> tuple[str, str]:
     """A resnet18 (random init, 1 epoch at 224 px) trained through the API; returns (model id, job id)."""
-    from bench.data import make_dataset
+    from bench.data import make_dataset, zip_folder
 
     small = make_dataset(work / "small", classes=3, train_per_class=12, val_per_class=4, seed=5)
-    import io
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(small.rglob("*.jpg")):
-            zf.write(f, f.relative_to(small))
-    r = httpx.post(
-        f"{base}/api/v1/datasets",
-        files={"archive": ("small.zip", buf.getvalue())},
-        data={"name": "bench-small"},
-        headers=auth,
-        timeout=300,
-    )
-    r.raise_for_status()
-    job = httpx.post(
-        f"{base}/api/v1/jobs",
-        json={"dataset_id": r.json()["id"], "model": "resnet18", "weights": "none", "epochs": 1},
-        headers=auth,
-        timeout=30,
-    ).json()
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        j = httpx.get(f"{base}/api/v1/jobs/{job['id']}", headers=auth, timeout=10).json()
-        if j["status"] in ("succeeded", "failed", "cancelled"):
-            if j["status"] != "succeeded":
-                raise RuntimeError(f"benchmark model training failed: {j.get('error')}")
-            log(f"  trained the benchmark model (resnet18, 224 px) in job {job['id']}")
-            return str(j["model_id"]), str(job["id"])
-        time.sleep(1)
-    raise TimeoutError("benchmark model training did not finish")
+    return train_through_api(base, auth, zip_folder(small), "bench-small", "the benchmark model", log, timeout=600)
 
 
 def service(

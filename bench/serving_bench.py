@@ -27,7 +27,16 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, ratio, service_env, start_process, stop_process, wait_http
+from bench.common import (
+    ROOT,
+    free_port,
+    ratio,
+    service_env,
+    start_process,
+    stop_process,
+    train_through_api,
+    wait_http,
+)
 from bench.data import SHAPES, make_photo, make_split_dataset, zip_folder
 from bench.loadgen import run_load, run_rounds
 
@@ -64,30 +73,7 @@ def train_served_model(base: str, auth: dict[str, str], work: Path, quick: bool,
         work / ("served-quick" if quick else "served"),
         per_split=(8, 4, 6) if quick else (24, 8, 64),
     )
-    r = httpx.post(
-        f"{base}/api/v1/datasets",
-        files={"archive": ("shapes.zip", zip_folder(data))},
-        data={"name": "bench-serving"},
-        headers=auth,
-        timeout=600,
-    )
-    r.raise_for_status()
-    job = httpx.post(
-        f"{base}/api/v1/jobs",
-        json={"dataset_id": r.json()["id"], "model": "resnet18", "weights": "none", "epochs": 1},
-        headers=auth,
-        timeout=30,
-    ).json()
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        j = httpx.get(f"{base}/api/v1/jobs/{job['id']}", headers=auth, timeout=10).json()
-        if j["status"] in ("succeeded", "failed", "cancelled"):
-            if j["status"] != "succeeded":
-                raise RuntimeError(f"the served model's training failed: {j.get('error')}")
-            log(f"  trained the served model (resnet18, 224 px) in job {job['id']}")
-            return str(j["model_id"]), str(job["id"])
-        time.sleep(1)
-    raise TimeoutError("the served model's training did not finish")
+    return train_through_api(base, auth, zip_folder(data), "bench-serving", "the served model", log, timeout=900)
 
 
 def wait_runtime(base: str, auth: dict[str, str], model_id: str, image: bytes, timeout: float = 600) -> dict[str, Any]:
