@@ -33,6 +33,12 @@ PREDICT_PROFILE = [
 ]
 
 
+def _features(machine: dict[str, Any]) -> str:
+    """The CPU's vector features in brackets (results from before they were recorded have none)."""
+    features = machine.get("cpu_features")
+    return f" ({', '.join(features) or 'no AVX2'})" if features is not None else ""
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> Path:
     m = results["machine"]
     lines = [
@@ -42,7 +48,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> Path:
         "benchmark runs both arms in the same run, on the same images, initial weights, seed and epochs,",
         "alternating arms between repeats; figures are medians with (min–max) over the repeats.",
         "",
-        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; GPU: {m['gpu'] or 'none'}",
+        f"- Machine: {m['cpu']}{_features(m)}, {m['cores']} cores, {m['memory_gib']} GiB; GPU: {m['gpu'] or 'none'}",
         f"- Python {m['python']}, torch {m['torch']}, torchvision {m['torchvision']} ({m['torch_threads']} threads)",
         f"- Data: {results.get('data')}",
         f"- Finished: {results.get('finished_at')}",

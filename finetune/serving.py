@@ -87,19 +87,32 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+# What decides a CPU's speed at these networks, beyond its name (a hypervisor may name it only "Processor")
+VECTOR_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_description(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, list[str]]:
+    """The CPU's model name and which of ``VECTOR_FEATURES`` it has (from Linux's ``cpuinfo``; elsewhere the
+    platform's name and no features)."""
+    name, flags = platform.processor() or platform.machine(), set[str]()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return name, [f for f in VECTOR_FEATURES if f in flags]
+
+
 def device_key(device: torch.device) -> str:
     """What a measurement is valid for: the accelerator's name, or the CPU model and usable cores."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{cpu}:{usable_cpus()} cores"
+    return f"cpu:{cpu_description()[0]}:{usable_cpus()} cores"
 
 
 # -- the candidates ----------------------------------------------------------------------------------------

@@ -33,7 +33,15 @@ from finetune.export import (
 )
 from finetune.models import ARCHITECTURES
 from finetune.predict import Predictor
-from finetune.serving import ORT, TORCH_CHANNELS_LAST, TORCH_EAGER, batch_forward, candidates, select_runtime
+from finetune.serving import (
+    ORT,
+    TORCH_CHANNELS_LAST,
+    TORCH_EAGER,
+    batch_forward,
+    candidates,
+    cpu_description,
+    select_runtime,
+)
 
 from .runs import make_run
 
@@ -198,6 +206,16 @@ def test_the_choice_is_recorded_per_device_and_reused(resnet_run: Path) -> None:
     assert entry["winner"] == first.runtime.name == max(entry["images_per_sec"], key=entry["images_per_sec"].get)
     again = select_runtime(predictor, resnet_run, seconds=0.05)
     assert again.runtime.name == first.runtime.name and again.measured == entry
+
+
+def test_the_cpu_is_described_by_its_name_and_vector_features(tmp_path: Path) -> None:
+    # What a serving choice is recorded under, and what the benchmarks print beside their figures.
+    cpuinfo = tmp_path / "cpuinfo"
+    one = "model name\t: Intel(R) Xeon(R) Processor\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_int8 amx_tile\n"
+    cpuinfo.write_text(f"processor\t: 0\n{one}\nprocessor\t: 1\n{one}")
+    assert cpu_description(cpuinfo) == ("Intel(R) Xeon(R) Processor", ["avx2", "avx512f", "avx512_bf16", "amx_int8"])
+    name, features = cpu_description(tmp_path / "absent")  # not Linux: the platform's name, nothing claimed
+    assert name and features == []
 
 
 def test_predict_falls_back_to_pytorch_without_onnxruntime(resnet_run: Path) -> None:
