@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
+from app.db import transaction
 from app.db.tables import User
 from app.errors import ApiError
 from app.services import auth
@@ -29,15 +30,8 @@ def get_storage(request: Request) -> Storage:
 def get_session(request: Request) -> Iterator[Session]:
     """One session per request: committed once when the handler succeeds, rolled back on error.
     Service functions only flush."""
-    session: Session = request.app.state.sessions()
-    try:
+    with transaction(request.app.state.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SESSION_COOKIE = "ft_session"
@@ -86,16 +80,20 @@ def authenticate(request: Request, session: Session) -> User | None:
     return None
 
 
+def unauthorized() -> ApiError:
+    return ApiError(
+        401,
+        "unauthorized",
+        "authentication required: send `Authorization: Bearer <api key>`",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
 def get_current_user(request: Request, session: Annotated[Session, Depends(get_session)]) -> User:
     """The authenticated user, or 401."""
     user = authenticate(request, session)
     if user is None:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "authentication required: send `Authorization: Bearer <api key>`",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized()
     # Give the connection back to the pool now (the session opens another when the handler queries): a
     # handler that then awaits (a body, a forward pass) must not hold one meanwhile. With more requests in
     # flight than connections, the requests waiting for one would take every threadpool thread, and those
@@ -134,24 +132,11 @@ async def get_predict_principal(request: Request) -> Principal:
 
 
 def _authenticate_now(request: Request) -> Principal:
-    session: Session = request.app.state.sessions()
-    try:
+    with transaction(request.app.state.sessions) as session:  # commits the key's last_used_at
         user = authenticate(request, session)
         if user is None:
-            raise ApiError(
-                401,
-                "unauthorized",
-                "authentication required: send `Authorization: Bearer <api key>`",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        principal = Principal(user.id, user.is_admin)
-        session.commit()  # the key's last_used_at
-        return principal
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+            raise unauthorized()
+        return Principal(user.id, user.is_admin)
 
 
 PredictUser = Annotated[Principal, Depends(get_predict_principal)]

@@ -39,9 +39,9 @@ def session_factory(url: str) -> sessionmaker[Session]:
 
 
 @contextmanager
-def session_scope(url: str) -> Iterator[Session]:
+def transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
     """A session that commits when the block succeeds and rolls back when it raises."""
-    session = session_factory(url)()
+    session = sessions()
     try:
         yield session
         session.commit()
@@ -50,3 +50,10 @@ def session_scope(url: str) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """``transaction`` on the database at ``url``."""
+    with transaction(session_factory(url)) as session:
+        yield session
