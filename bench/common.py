@@ -107,6 +107,19 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def admin_key(env: dict[str, str]) -> str:
+    """Migrate the new data folder and create an admin: its API key authorises every benchmark request."""
+    run = [sys.executable, "-m", "app.cli"]
+    subprocess.run([*run, "migrate"], env=env, cwd=ROOT, check=True, capture_output=True)
+    out = subprocess.run(
+        [*run, "users", "create", "bench", "--admin"], env=env, cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    keys = [line.strip() for line in out.splitlines() if line.strip().startswith("ft_")]
+    if not keys:
+        raise RuntimeError(f"`users create` printed no API key: {out!r}")
+    return keys[-1]
+
+
 def train_through_api(
     base: str, auth: dict[str, str], archive: bytes, name: str, what: str, log: Any, timeout: float
 ) -> tuple[str, str]:

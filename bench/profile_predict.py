@@ -19,10 +19,10 @@ import tempfile
 import threading
 from pathlib import Path
 
-from bench.common import free_port, service_env, start_process, stop_process, wait_http
+from bench.common import admin_key, free_port, service_env, start_process, stop_process, wait_http
 from bench.data import SHAPES, make_photo
 from bench.loadgen import run_load
-from bench.serving_bench import SIZES, admin_key, train_served_model, wait_runtime
+from bench.serving_bench import SIZES, train_served_model, wait_runtime
 
 TOOLS = Path.home() / ".cache" / "finetune-bench" / "tools"
 # (part, substrings of a stack's frames that put a sample there), first match wins

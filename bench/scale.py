@@ -44,7 +44,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, free_port, machine, ratio, service_env, start_process, stop_process, wait_http
+from bench.common import ROOT, admin_key, free_port, machine, ratio, service_env, start_process, stop_process, wait_http
 
 OUT = ROOT / "bench" / "out"
 BASELINE_REV = "e71051f"  # the last revision with the per-image pixel cache
@@ -211,12 +211,6 @@ class Sampler:
 # -- the service arm ---------------------------------------------------------------------------------------
 
 
-def _admin_key(env: dict[str, str]) -> str:
-    from bench.service_bench import _admin_key as make_key
-
-    return make_key(env)
-
-
 def _folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -234,7 +228,7 @@ def service_run(name: str, kind: str, n: int, folder: Path, archive: Path, work:
             "FINETUNE_CACHE_MAX_BYTES": str(200 * 1024**3),
         }
     )
-    auth = {"Authorization": f"Bearer {_admin_key(env)}"}
+    auth = {"Authorization": f"Bearer {admin_key(env)}"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     api = start_process(

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import random
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
-    ROOT,
+    admin_key,
     free_port,
     ratio,
     service_env,
@@ -32,19 +30,6 @@ from bench.common import (
 )
 from bench.data import make_photo, make_zip
 from bench.loadgen import run_load
-
-
-def _admin_key(env: dict[str, str]) -> str:
-    """Migrate the new data folder and create an admin: its API key authorises every benchmark request."""
-    run = [sys.executable, "-m", "app.cli"]
-    subprocess.run([*run, "migrate"], env=env, cwd=ROOT, check=True, capture_output=True)
-    out = subprocess.run(
-        [*run, "users", "create", "bench", "--admin"], env=env, cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    keys = [line.strip() for line in out.splitlines() if line.strip().startswith("ft_")]
-    if not keys:
-        raise RuntimeError(f"`users create` printed no API key: {out!r}")
-    return keys[-1]
 
 
 def _batch_histogram(base: str, auth: dict[str, str]) -> dict[str, float]:
@@ -90,7 +75,7 @@ def service(
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     results: dict[str, Any] = {}
-    auth = {"Authorization": f"Bearer {_admin_key(env)}"}
+    auth = {"Authorization": f"Bearer {admin_key(env)}"}
     proc = start_process(["-m", "app.cli", "serve", "--port", str(port)], env, work / "logs" / "serve.log")
     try:
         wait_http(f"{base}/healthz")

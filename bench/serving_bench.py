@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 
 from bench.common import (
-    ROOT,
+    admin_key,
     free_port,
     ratio,
     service_env,
@@ -54,18 +53,6 @@ TARGETS = {
 
 
 # -- the service --------------------------------------------------------------------------------------------
-def admin_key(env: dict[str, str]) -> str:
-    run = [sys.executable, "-m", "app.cli"]
-    subprocess.run([*run, "migrate"], env=env, cwd=ROOT, check=True, capture_output=True)
-    out = subprocess.run(
-        [*run, "users", "create", "bench", "--admin"], env=env, cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout
-    keys = [line.strip() for line in out.splitlines() if line.strip().startswith("ft_")]
-    if not keys:
-        raise RuntimeError(f"`users create` printed no API key: {out!r}")
-    return keys[-1]
-
-
 def train_served_model(base: str, auth: dict[str, str], work: Path, quick: bool, log: Any) -> tuple[str, str]:
     """A resnet18 (random init, 224 px) trained through the API on shapes with a test split."""
     data = make_split_dataset(
