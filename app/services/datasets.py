@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from app.db.clock import db_now
 from app.db.tables import Dataset, Job, JobStatus, User, new_id
 from app.domain_errors import Conflict, NotFound
+from app.services import owned
 from app.services.uploads import INCOMING_DIR, ReceivedUpload
 from app.settings import Settings
 from app.storage import Storage, tree_bytes
@@ -350,18 +351,11 @@ def files_page(
 
 
 def get_owned(session: Session, owner: User, dataset_id: str) -> Dataset:
-    # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
-    dataset = session.get(Dataset, dataset_id) if "\x00" not in dataset_id else None
-    if dataset is None or (dataset.owner_id != owner.id and not owner.is_admin):
-        raise NotFound("dataset", dataset_id)
-    return dataset
+    return owned.get_owned(session, owner, Dataset, dataset_id, "dataset")
 
 
 def list_owned(session: Session, owner: User) -> list[Dataset]:
-    query = select(Dataset).order_by(Dataset.created_at.desc())
-    if not owner.is_admin:
-        query = query.where(Dataset.owner_id == owner.id)
-    return list(session.scalars(query))
+    return list(session.scalars(owned.owned_query(owner, Dataset)))
 
 
 def thumbnail_indices(storage: Storage, dataset: Dataset) -> dict[str, list[int]]:

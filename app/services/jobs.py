@@ -10,8 +10,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.db.tables import FINISHED_STATUSES, Dataset, Job, JobMetric, JobStatus, Model, User, Worker, new_id
-from app.domain_errors import Conflict, LimitReached, NotFound
+from app.domain_errors import Conflict, LimitReached
 from app.jobs import state
+from app.services import owned
 from app.settings import Settings
 from app.storage import Storage
 from finetune import weights as engine_weights
@@ -222,17 +223,11 @@ def _queue_full(session: Session, owner_id: str, settings: Settings) -> LimitRea
 
 
 def get_owned(session: Session, owner: User, job_id: str) -> Job:
-    # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
-    job = session.get(Job, job_id) if "\x00" not in job_id else None
-    if job is None or (job.owner_id != owner.id and not owner.is_admin):
-        raise NotFound("job", job_id)
-    return job
+    return owned.get_owned(session, owner, Job, job_id, "job")
 
 
 def list_owned(session: Session, owner: User, status: str | None = None) -> list[Job]:
-    query = select(Job).order_by(Job.created_at.desc())
-    if not owner.is_admin:
-        query = query.where(Job.owner_id == owner.id)
+    query = owned.owned_query(owner, Job)
     if status:
         query = query.where(Job.status == JobStatus(status))
     return list(session.scalars(query))

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from app.db.tables import Job, Model, User
 from app.domain_errors import Conflict, NotFound
+from app.services import owned
 from app.storage import Storage
 from finetune.checkpoint import META_FILE, MODEL_FILE, load_checkpoint
 from finetune.errors import CheckpointError, ImageError
@@ -28,18 +29,11 @@ REPORT_FILE = "report.json"
 
 
 def get_owned(session: Session, owner: User, model_id: str) -> Model:
-    # No id holds a NUL, and PostgreSQL refuses one in a query parameter (a 500 instead of this 404).
-    model = session.get(Model, model_id) if "\x00" not in model_id else None
-    if model is None or (model.owner_id != owner.id and not owner.is_admin):
-        raise NotFound("model", model_id)
-    return model
+    return owned.get_owned(session, owner, Model, model_id, "model")
 
 
 def list_owned(session: Session, owner: User) -> list[Model]:
-    query = select(Model).order_by(Model.created_at.desc())
-    if not owner.is_admin:
-        query = query.where(Model.owner_id == owner.id)
-    return list(session.scalars(query))
+    return list(session.scalars(owned.owned_query(owner, Model)))
 
 
 def delete_model(session: Session, model: Model) -> str | None:

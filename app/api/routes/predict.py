@@ -25,6 +25,7 @@ from app.db.tables import Model
 from app.domain_errors import NotFound
 from app.errors import ApiError
 from app.services import models as svc
+from app.services import owned
 from app.services.keycache import ModelRef, PredictLookups, Principal
 from app.serving.cache import ModelCache
 from app.settings import Settings
@@ -166,8 +167,7 @@ async def model_ref(lookups: PredictLookups, sessions: Any, user: Principal, mod
 
     def read() -> ModelRef:
         with sessions() as session:
-            # No id holds a NUL, and PostgreSQL refuses one in a query parameter.
-            row = session.get(Model, model_id) if "\x00" not in model_id else None
+            row = owned.by_id(session, Model, model_id)
             if row is None:
                 raise NotFound("model", model_id)
             return ModelRef(row.id, row.owner_id, row.run_key, row.serving_precision, row.threshold)
