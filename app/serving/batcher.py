@@ -144,13 +144,10 @@ class MicroBatcher:
                     continue
                 batch, beside, stop = await self._collect(queue, running)
                 batch = [i for i in batch if not i.future.done()]  # requests cancelled while queued
-                if batch:
-                    if self.lanes == 1:
-                        await self._process(batch, beside=False)
-                    else:
-                        task = loop.create_task(self._process(batch, beside=beside))
-                        running.add(task)
-                        task.add_done_callback(running.discard)
+                if batch:  # with one lane, the wait at the top holds the next batch until this pass is done
+                    task = loop.create_task(self._process(batch, beside=beside))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
                 if stop:
                     return
         finally:
