@@ -152,3 +152,22 @@ def test_closing_answers_every_request_queued_or_in_a_pass_on_either_lane() -> N
 
     assert asyncio.run(main()) == [float(i) for i in range(30)]
     assert forward.most_at_once == 2
+
+
+def test_a_cancelled_batcher_still_answers_the_requests_of_its_passes_in_flight() -> None:
+    # E.g. the event loop shutting down: what a running pass computes still reaches its requests, with one
+    # lane as with two; only requests still queued are left for the caller to cancel.
+    for lanes in (1, 2):
+        forward = _Lanes()
+
+        async def main(lanes: int = lanes, forward: _Lanes = forward) -> list[float]:
+            batcher = MicroBatcher(forward, max_batch=4, max_wait_s=0.0, executor=ThreadPoolExecutor(2), lanes=lanes)
+            first = asyncio.create_task(batcher.submit([np.array([7])]))
+            while forward.in_flight == 0:  # its pass has started
+                await asyncio.sleep(0.001)
+            assert batcher._task is not None
+            batcher._task.cancel()
+            answer = await first
+            return [float(answer[0, 0])]
+
+        assert asyncio.run(main()) == [7.0]
