@@ -34,9 +34,10 @@ PREDICT_PROFILE = [
 
 
 def _features(machine: dict[str, Any]) -> str:
-    """The CPU's vector features in brackets (results from before they were recorded have none)."""
+    """The CPU's vector features in brackets; nothing where none were found (an old CPU, a system without
+    /proc/cpuinfo, results from before they were recorded), which is not the same as saying there are none."""
     features = machine.get("cpu_features")
-    return f" ({', '.join(features) or 'no AVX2'})" if features is not None else ""
+    return f" ({', '.join(features)})" if features else ""
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> Path:
